@@ -1,0 +1,209 @@
+"""Per-image random augmentation policies on batches.
+
+Each policy samples, for every image of a batch independently, what torchvision's transform of the
+same name samples for one image, from an explicit ``torch.Generator``, then applies the batched
+kernels of :mod:`daqkd.augment.ops`. The operation spaces and the AutoAugment sub-policies are
+read from torchvision itself, so the distributions are torchvision's:
+
+- AutoAugment: Cubuk et al., "AutoAugment: Learning Augmentation Strategies from Data", CVPR 2019
+  (CIFAR-10, ImageNet and SVHN policies);
+- RandAugment: Cubuk et al., CVPR-W 2020 (N = 2 ops, magnitude 9 of 31 bins);
+- TrivialAugmentWide: Müller & Hutter, ICCV 2021 (one op, uniform magnitude of 31 bins);
+- AugMix: Hendrycks et al., ICLR 2020 (3 chains of depth 1-3, severity 3, Dirichlet(1) weights);
+- RandomErasing: Zhong et al., AAAI 2020 (p 0.5, area 2-33 %, aspect 0.3-3.3, zero fill).
+
+Input and output: uint8 images (N, C, H, W) on any device; random draws happen on the CPU
+generator, so a seed gives the same augmentation on CPU and CUDA.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torchvision.transforms import v2
+
+from .ops import BATCH_OPS
+
+# name -> (magnitude bins for (num_bins, height, width), whether the sign is random)
+OpSpace = dict[str, tuple[Callable[[int, int, int], torch.Tensor | None], bool]]
+
+
+def apply_ops(
+    images: torch.Tensor,
+    op_index: torch.Tensor,
+    magnitude: torch.Tensor,
+    op_names: list[str],
+    interpolation: str,
+) -> torch.Tensor:
+    """Apply to image i the op ``op_names[op_index[i]]`` with ``magnitude[i]``; -1 skips the image.
+
+    images (N, C, H, W) uint8; op_index (N,) int64; magnitude (N,) float64.
+    """
+    out = images.clone()
+    for k, name in enumerate(op_names):
+        chosen = (op_index == k).nonzero().squeeze(1)
+        if chosen.numel() == 0 or name == "Identity":
+            continue
+        on_device = chosen.to(images.device)
+        out[on_device] = BATCH_OPS[name](out[on_device], magnitude[chosen], interpolation)
+    return out
+
+
+def magnitude_table(space: OpSpace, num_bins: int, height: int, width: int) -> torch.Tensor:
+    """(num_ops, num_bins) float64 table of magnitudes; ops without magnitude get zeros."""
+    rows = []
+    for fn, _ in space.values():
+        bins = fn(num_bins, height, width)
+        rows.append(torch.zeros(num_bins) if bins is None else bins.double())
+    return torch.stack([r.double() for r in rows])
+
+
+def random_signs(signed: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """-1 with probability 1/2 where ``signed`` (N,) bool is true, else +1; float64."""
+    flip = signed & (torch.rand(signed.shape, generator=generator) <= 0.5)
+    return 1.0 - 2.0 * flip.double()
+
+
+class AutoAugmentPolicy:
+    """AutoAugment: one of 25 learned sub-policies per image, each two ops with probabilities."""
+
+    def __init__(self, policy: v2.AutoAugmentPolicy, interpolation: str = "nearest") -> None:
+        self.space: OpSpace = v2.AutoAugment._AUGMENTATION_SPACE
+        self.op_names = list(self.space)
+        self.interpolation = interpolation
+        sub_policies = v2.AutoAugment(policy)._policies
+        self.op_id = torch.tensor([[self.op_names.index(op) for op, _, _ in p] for p in sub_policies])
+        self.prob = torch.tensor([[prob for _, prob, _ in p] for p in sub_policies])
+        self.bin = torch.tensor([[b if b is not None else 0 for _, _, b in p] for p in sub_policies])
+        self.signed = torch.tensor([sig for _, sig in self.space.values()])
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        n, _, h, w = images.shape
+        table = magnitude_table(self.space, 10, h, w)
+        chosen = torch.randint(len(self.op_id), (n,), generator=generator)
+        for slot in range(2):
+            op = self.op_id[chosen, slot]
+            applied = torch.rand(n, generator=generator) <= self.prob[chosen, slot]
+            magnitude = table[op, self.bin[chosen, slot]] * random_signs(self.signed[op], generator)
+            images = apply_ops(images, torch.where(applied, op, -1), magnitude, self.op_names,
+                               self.interpolation)
+        return images
+
+
+class RandAugmentPolicy:
+    """RandAugment: ``num_ops`` uniformly chosen ops per image at a fixed magnitude bin."""
+
+    def __init__(self, num_ops: int = 2, magnitude: int = 9, num_bins: int = 31,
+                 interpolation: str = "nearest") -> None:
+        self.space: OpSpace = v2.RandAugment._AUGMENTATION_SPACE
+        self.op_names = list(self.space)
+        self.num_ops, self.magnitude_bin, self.num_bins = num_ops, magnitude, num_bins
+        self.interpolation = interpolation
+        self.signed = torch.tensor([sig for _, sig in self.space.values()])
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        n, _, h, w = images.shape
+        table = magnitude_table(self.space, self.num_bins, h, w)
+        for _ in range(self.num_ops):
+            op = torch.randint(len(self.op_names), (n,), generator=generator)
+            magnitude = table[op, self.magnitude_bin] * random_signs(self.signed[op], generator)
+            images = apply_ops(images, op, magnitude, self.op_names, self.interpolation)
+        return images
+
+
+class TrivialAugmentWidePolicy:
+    """TrivialAugment (wide space): one uniformly chosen op per image, uniform magnitude bin."""
+
+    def __init__(self, num_bins: int = 31, interpolation: str = "nearest") -> None:
+        self.space: OpSpace = v2.TrivialAugmentWide._AUGMENTATION_SPACE
+        self.op_names = list(self.space)
+        self.num_bins = num_bins
+        self.interpolation = interpolation
+        self.signed = torch.tensor([sig for _, sig in self.space.values()])
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        n, _, h, w = images.shape
+        table = magnitude_table(self.space, self.num_bins, h, w)
+        op = torch.randint(len(self.op_names), (n,), generator=generator)
+        level = torch.randint(self.num_bins, (n,), generator=generator)
+        magnitude = table[op, level] * random_signs(self.signed[op], generator)
+        return apply_ops(images, op, magnitude, self.op_names, self.interpolation)
+
+
+class AugMixPolicy:
+    """AugMix: a convex mix of the image and ``width`` chains of 1-3 random ops, per image.
+
+    m ~ Dirichlet(alpha, alpha); chain weights ~ Dirichlet(alpha * ones(width)) * m[1];
+    output = trunc(m[0] * x + sum_i w_i * chain_i(x)) as uint8, as torchvision's tensor kernel.
+    """
+
+    def __init__(self, severity: int = 3, width: int = 3, depth: int = -1, alpha: float = 1.0,
+                 interpolation: str = "bilinear") -> None:
+        self.space: OpSpace = v2.AugMix._AUGMENTATION_SPACE
+        self.op_names = list(self.space)
+        self.severity, self.width, self.depth, self.alpha = severity, width, depth, alpha
+        self.interpolation = interpolation
+        self.signed = torch.tensor([sig for _, sig in self.space.values()])
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        n, _, h, w = images.shape
+        table = magnitude_table(self.space, 10, h, w)
+        m = torch._sample_dirichlet(torch.full((n, 2), self.alpha, dtype=torch.float64),
+                                    generator=generator)
+        weights = torch._sample_dirichlet(
+            torch.full((n, self.width), self.alpha, dtype=torch.float64), generator=generator
+        ) * m[:, 1:]
+        to_device = {"device": images.device, "dtype": torch.float32}
+        mix = images * m[:, 0].to(**to_device).view(-1, 1, 1, 1)
+        for i in range(self.width):
+            if self.depth > 0:
+                depth = torch.full((n,), self.depth)
+            else:
+                depth = torch.randint(1, 4, (n,), generator=generator)
+            chain = images
+            for step in range(int(depth.max())):
+                op = torch.randint(len(self.op_names), (n,), generator=generator)
+                level = torch.randint(self.severity, (n,), generator=generator)
+                magnitude = table[op, level] * random_signs(self.signed[op], generator)
+                op = torch.where(depth > step, op, -1)
+                chain = apply_ops(chain, op, magnitude, self.op_names, self.interpolation)
+            mix += chain * weights[:, i].to(**to_device).view(-1, 1, 1, 1)
+        return mix.to(torch.uint8)
+
+
+class RandomErasingPolicy:
+    """Random erasing: with probability p, zero a random rectangle of each image.
+
+    Area fraction ~ U(scale), log aspect ~ U(log ratio); up to 10 tries for a rectangle that fits,
+    else the image is left as it is (torchvision's sampling, vectorized over images and tries).
+    """
+
+    def __init__(self, p: float = 0.5, scale: tuple[float, float] = (0.02, 0.33),
+                 ratio: tuple[float, float] = (0.3, 3.3), tries: int = 10) -> None:
+        self.p, self.scale, self.ratio, self.tries = p, scale, ratio, tries
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        n, _, h, w = images.shape
+        erased = torch.rand(n, generator=generator) < self.p
+        area = h * w * (torch.rand(n, self.tries, generator=generator, dtype=torch.float64)
+                        * (self.scale[1] - self.scale[0]) + self.scale[0])
+        log_lo, log_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
+        aspect = torch.exp(torch.rand(n, self.tries, generator=generator, dtype=torch.float64)
+                           * (log_hi - log_lo) + log_lo)
+        eh = torch.sqrt(area * aspect).round().long()
+        ew = torch.sqrt(area / aspect).round().long()
+        fits = (eh < h) & (ew < w)
+        first = fits.long().argmax(dim=1)
+        erased &= fits.any(dim=1)
+        eh = eh.gather(1, first[:, None]).squeeze(1)
+        ew = ew.gather(1, first[:, None]).squeeze(1)
+        top = (torch.rand(n, generator=generator, dtype=torch.float64) * (h - eh + 1)).long()
+        left = (torch.rand(n, generator=generator, dtype=torch.float64) * (w - ew + 1)).long()
+        rows = torch.arange(h)
+        cols = torch.arange(w)
+        in_rows = (rows >= top[:, None]) & (rows < (top + eh)[:, None])
+        in_cols = (cols >= left[:, None]) & (cols < (left + ew)[:, None])
+        mask = (in_rows[:, :, None] & in_cols[:, None, :]) & erased[:, None, None]
+        return images.masked_fill(mask[:, None].to(images.device), 0)

@@ -1,0 +1,131 @@
+"""Candidate data augmentations by name.
+
+A candidate is ``NAME`` or ``NAME+cutmix``:
+
+- ``identity``: the clean images, no augmentation at all (for large images the evaluation
+  resize + center crop);
+- ``none``: the base augmentation only (random crop + flip, see :mod:`daqkd.augment.base`);
+- ``autoaugment-cifar10``, ``autoaugment-imagenet``, ``autoaugment-svhn``, ``randaugment``,
+  ``trivialaugment``, ``augmix``, ``randomerasing``: the base augmentation, then that policy;
+- ``+cutmix``: then batch-level CutMix (Yun et al., ICCV 2019; alpha 1, as torchvision's
+  ``v2.CutMix``), which mixes consecutive images of the (shuffled) batch and makes soft labels.
+
+``all`` stands for the paper's 16 candidates: the 8 DAs other than ``identity``, each with and
+without CutMix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torchvision.transforms import v2
+
+from ..errors import DaqkdError
+from .base import SMALL_IMAGE_MAX, center_view, random_crop_flip, random_resized_crop_flip
+from .policies import (
+    AugMixPolicy,
+    AutoAugmentPolicy,
+    RandAugmentPolicy,
+    RandomErasingPolicy,
+    TrivialAugmentWidePolicy,
+)
+
+Policy = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+
+POLICIES: dict[str, Callable[[], Policy] | None] = {
+    "none": None,
+    "autoaugment-cifar10": lambda: AutoAugmentPolicy(v2.AutoAugmentPolicy.CIFAR10),
+    "autoaugment-imagenet": lambda: AutoAugmentPolicy(v2.AutoAugmentPolicy.IMAGENET),
+    "autoaugment-svhn": lambda: AutoAugmentPolicy(v2.AutoAugmentPolicy.SVHN),
+    "randaugment": RandAugmentPolicy,
+    "trivialaugment": TrivialAugmentWidePolicy,
+    "augmix": AugMixPolicy,
+    "randomerasing": RandomErasingPolicy,
+}
+CUTMIX_SUFFIX = "+cutmix"
+PAPER_CANDIDATES = [name + suffix for suffix in ("", CUTMIX_SUFFIX) for name in POLICIES]
+
+
+def known_names() -> list[str]:
+    """Every candidate name, ``identity`` first."""
+    return ["identity"] + PAPER_CANDIDATES + ["identity" + CUTMIX_SUFFIX]
+
+
+def parse_candidates(text: str) -> list[str]:
+    """Split a comma-separated list of names; ``all`` expands to the paper's 16 candidates.
+
+    Raises DaqkdError naming the known names for an unknown one.
+    """
+    names: list[str] = []
+    for item in (t.strip() for t in text.split(",")):
+        expanded = PAPER_CANDIDATES if item == "all" else [item]
+        for name in expanded:
+            if name not in known_names():
+                raise DaqkdError(
+                    f"unknown augmentation {name!r}: use 'all' or any of {', '.join(known_names())}"
+                )
+            if name not in names:
+                names.append(name)
+    if not names:
+        raise DaqkdError("no augmentation given: pass --augs NAME[,NAME...] or --augs all")
+    return names
+
+
+@dataclass
+class Candidate:
+    """One candidate DA. ``__call__`` turns a batch of cached images into what the model sees.
+
+    images: (N, 3, H, W) uint8 tensor (uniform small images) or a list of (3, H_i, W_i) uint8
+    tensors; labels (N,) int64. Returns images (N, 3, S, S) uint8 and targets: (N,) int64, or
+    (N, num_classes) float soft labels under CutMix.
+    """
+
+    name: str
+    num_classes: int
+    crop_size: int = 224
+
+    def __post_init__(self) -> None:
+        if self.name not in known_names():
+            parse_candidates(self.name)  # raises the error that lists the names
+        self.policy_name = self.name.removesuffix(CUTMIX_SUFFIX)
+        self.cutmix = self.name.endswith(CUTMIX_SUFFIX)
+        factory = POLICIES.get(self.policy_name)
+        self.policy: Policy | None = factory() if factory is not None else None
+
+    def base_view(self, images: torch.Tensor | Sequence[torch.Tensor],
+                  generator: torch.Generator) -> torch.Tensor:
+        """The base augmentation (crop + flip) of every image; the clean view for ``identity``."""
+        small = isinstance(images, torch.Tensor) and images.shape[-1] <= SMALL_IMAGE_MAX
+        if self.policy_name == "identity":
+            return images if small else center_view(images, self.crop_size)
+        if small:
+            return random_crop_flip(images, generator)
+        return random_resized_crop_flip(images, self.crop_size, generator)
+
+    def __call__(
+        self, images: torch.Tensor | Sequence[torch.Tensor], labels: torch.Tensor,
+        generator: torch.Generator, base: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Augment a batch; pass ``base`` to reuse an already drawn base view."""
+        out = self.base_view(images, generator) if base is None else base
+        if self.policy is not None:
+            out = self.policy(out, generator)
+        if self.cutmix:
+            return cutmix(out, labels, self.num_classes, generator)
+        return out, labels
+
+
+def cutmix(images: torch.Tensor, labels: torch.Tensor, num_classes: int,
+           generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """torchvision's ``v2.CutMix(alpha=1)`` on the batch, seeded from ``generator``.
+
+    Returns mixed uint8 images and (N, num_classes) float32 soft labels. One box and one lambda
+    per batch, by design of CutMix; the images are paired with their neighbours in the batch.
+    """
+    seed = int(torch.randint(2**62, (1,), generator=generator))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        mixed, soft = v2.CutMix(alpha=1.0, num_classes=num_classes)(images, labels.to(images.device))
+    return mixed, soft.float()
