@@ -1,0 +1,188 @@
+"""The DA-ranking metric of Kur & Zhao (arXiv 2509.03850) and the variance baseline, streamed.
+
+For teacher predictions P_x (softmax) and label distributions t_x (one-hot, or CutMix's soft
+labels) over the N samples of one pass:
+
+- class centroid  Q_y = sum_x t_x[y] P_x / m_y,  label mass  m_y = sum_x t_x[y],  w_y = m_y / N;
+- ``cmi`` = I(X; Y_hat | Y) = sum_y w_y H(Q_y) - mean_x H(P_x)  (the contextual mutual information;
+  with one-hot labels it equals mean_x KL(P_x || Q_{y_x}); it is >= 0 by concavity of H);
+- ``centroid_ce`` = mean over classes present of -log Q_y[y];
+- ``score`` = centroid_ce - lambda * cmi (the paper's metric; lower is better);
+- ``ce`` = mean_x of -sum_y t_x[y] log P_x[y]; ``sample`` score = ce - lambda * cmi (the variant the
+  authors' CIFAR script ranks by);
+- ``variance``: the baseline of Wang et al., "What Makes a 'Good' Data Augmentation in Knowledge
+  Distillation - A Statistical Perspective", NeurIPS 2022: the mean over classes of the standard
+  deviation (unbiased) across consecutive groups of ``group_size`` samples of the group's mean
+  teacher probability vector.
+
+All of it comes from sufficient statistics updated batch by batch (no predictions are stored, one
+pass is enough, and the centroids belong to the very draw that is scored); the statistics of
+disjoint shards add up (:meth:`DAStatistics.merge`, :meth:`DAStatistics.all_reduce`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+_TINY = 1e-300  # keeps log() finite where a probability underflowed to 0 in float64
+
+
+@dataclass
+class DAStatistics:
+    """Sufficient statistics of the teacher's predictions under one DA (float64 on ``device``).
+
+    Variance groups are consecutive runs of ``group_size`` samples in update order; a trailing
+    incomplete group is not counted. Merged shards keep their own groups (their trailing
+    incomplete groups are dropped), so shards cut at multiples of ``group_size`` merge exactly.
+    """
+
+    num_classes: int
+    group_size: int = 1000
+    device: torch.device | str = "cpu"
+    count: int = 0
+    correct: float = 0.0
+    entropy_sum: float = 0.0
+    ce_sum: float = 0.0
+    label_mass: torch.Tensor = field(init=False)
+    weighted_probs: torch.Tensor = field(init=False)
+    group_partial: torch.Tensor = field(init=False)
+    group_fill: int = 0
+    groups: int = 0
+    group_mean_sum: torch.Tensor = field(init=False)
+    group_mean_sq_sum: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.group_size < 1:
+            raise ValueError("group_size must be >= 1")
+        k, opts = self.num_classes, {"dtype": torch.float64, "device": self.device}
+        self.label_mass = torch.zeros(k, **opts)
+        self.weighted_probs = torch.zeros(k, k, **opts)  # row y: sum_x t_x[y] P_x
+        self.group_partial = torch.zeros(k, **opts)
+        self.group_mean_sum = torch.zeros(k, **opts)
+        self.group_mean_sq_sum = torch.zeros(k, **opts)
+        self._sums = torch.zeros(3, **opts)  # correct, entropy, ce: kept on device, no syncs
+
+    @torch.no_grad()
+    def update(self, logits: torch.Tensor, targets: torch.Tensor,
+               paired_logits: torch.Tensor | None = None) -> None:
+        """Add a batch.
+
+        logits (B, K) teacher outputs; targets (B,) int64 class indices or (B, K) label
+        distributions (rows sum to 1). paired_logits (B, K): outputs on a second view of the same
+        images, which then shares each variance group (Wang et al.'s paired protocol).
+        """
+        log_p = torch.log_softmax(logits.double(), dim=1)
+        probs = log_p.exp()
+        if targets.ndim == 1:
+            target_idx = targets.long()
+            soft = torch.nn.functional.one_hot(target_idx, self.num_classes).double()
+            self.weighted_probs.index_add_(0, target_idx, probs)
+        else:
+            soft = targets.double()
+            target_idx = soft.argmax(dim=1)
+            self.weighted_probs += soft.T @ probs
+        self.label_mass += soft.sum(dim=0)
+        entropy = -(probs * log_p).sum()
+        ce = -(soft * log_p).sum()
+        correct = (probs.argmax(dim=1) == target_idx).double().sum()
+        self._sums += torch.stack([correct, entropy, ce])
+        self.count += logits.shape[0]
+        group_values = probs
+        if paired_logits is not None:
+            group_values = 0.5 * (probs + torch.softmax(paired_logits.double(), dim=1))
+        self._add_to_groups(group_values)
+
+    def _add_to_groups(self, values: torch.Tensor) -> None:
+        """Feed (B, K) per-sample vectors into consecutive groups of ``group_size``."""
+        start = 0
+        n = values.shape[0]
+        if self.group_fill:
+            take = min(self.group_size - self.group_fill, n)
+            self.group_partial += values[:take].sum(dim=0)
+            self.group_fill += take
+            start = take
+            if self.group_fill == self.group_size:
+                self._close_group(self.group_partial / self.group_size)
+                self.group_partial.zero_()
+                self.group_fill = 0
+        full = (n - start) // self.group_size
+        if full:
+            block = values[start:start + full * self.group_size]
+            means = block.view(full, self.group_size, -1).mean(dim=1)
+            self.group_mean_sum += means.sum(dim=0)
+            self.group_mean_sq_sum += (means * means).sum(dim=0)
+            self.groups += full
+            start += full * self.group_size
+        if start < n:
+            self.group_partial += values[start:].sum(dim=0)
+            self.group_fill += n - start
+
+    def _close_group(self, mean: torch.Tensor) -> None:
+        self.group_mean_sum += mean
+        self.group_mean_sq_sum += mean * mean
+        self.groups += 1
+
+    def merge(self, other: DAStatistics) -> DAStatistics:
+        """Statistics of the union of two disjoint shards (a new object)."""
+        if (other.num_classes, other.group_size) != (self.num_classes, self.group_size):
+            raise ValueError("can only merge statistics with the same classes and group size")
+        out = DAStatistics(self.num_classes, self.group_size, self.device)
+        out.count = self.count + other.count
+        out._sums = self._sums + other._sums.to(self.device)
+        for name in ("label_mass", "weighted_probs", "group_mean_sum", "group_mean_sq_sum"):
+            setattr(out, name, getattr(self, name) + getattr(other, name).to(self.device))
+        out.groups = self.groups + other.groups
+        return out
+
+    def all_reduce(self) -> None:
+        """Sum the statistics of all processes in place (torch.distributed, if initialized)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        counts = torch.tensor([self.count, self.groups], dtype=torch.float64, device=self.device)
+        for tensor in (counts, self._sums, self.label_mass, self.weighted_probs,
+                       self.group_mean_sum, self.group_mean_sq_sum):
+            dist.all_reduce(tensor)
+        self.count, self.groups = int(counts[0]), int(counts[1])
+        self.group_partial.zero_()
+        self.group_fill = 0
+
+    def compute(self) -> dict[str, float]:
+        """cmi, centroid_ce, ce, variance (NaN with fewer than 2 groups), accuracy, images."""
+        if self.count == 0:
+            raise ValueError("no samples were added")
+        correct, entropy_sum, ce_sum = self._sums.tolist()
+        present = self.label_mass > 0
+        mass = self.label_mass[present]
+        centroids = self.weighted_probs[present] / mass[:, None]
+        centroid_entropy = -(centroids * centroids.clamp_min(_TINY).log()).sum(dim=1)
+        weights = mass / mass.sum()
+        cmi = float((weights * centroid_entropy).sum()) - entropy_sum / self.count
+        own = centroids.gather(1, present.nonzero()).squeeze(1)  # Q_y[y]
+        centroid_ce = float(-own.clamp_min(_TINY).log().mean())
+        variance = math.nan
+        if self.groups >= 2:
+            g = self.groups
+            mean = self.group_mean_sum / g
+            var = (self.group_mean_sq_sum - g * mean * mean).clamp_min(0) / (g - 1)
+            variance = float(var.sqrt().mean())
+        return {
+            "cmi": cmi,
+            "centroid_ce": centroid_ce,
+            "ce": ce_sum / self.count,
+            "variance": variance,
+            "accuracy": correct / self.count,
+            "images": float(self.count),
+        }
+
+
+def score(figures: dict[str, float], kind: str = "paper", cmi_weight: float = 1.0) -> float:
+    """The ranking score, lower is better: ``paper`` = centroid_ce - w * cmi, ``sample`` = ce - w * cmi."""
+    if kind == "paper":
+        return figures["centroid_ce"] - cmi_weight * figures["cmi"]
+    if kind == "sample":
+        return figures["ce"] - cmi_weight * figures["cmi"]
+    raise ValueError(f"unknown score {kind!r}: use 'paper' or 'sample'")
