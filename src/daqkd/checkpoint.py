@@ -1,0 +1,142 @@
+"""Reading and writing model weights safely.
+
+Reads ``.th/.pt/.pth`` files with ``torch.load(weights_only=True)`` (never arbitrary unpickling;
+nested ``state_dict``/``model`` entries and DataParallel's ``module.`` prefixes are handled) and
+``.safetensors`` files. The project's own checkpoints are safetensors whose metadata holds a JSON
+``daqkd`` entry (arch, classes, normalization, ...), written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+from torch import nn
+
+from .errors import DaqkdError
+
+METADATA_KEY = "daqkd"
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state dict with bare keys, daqkd metadata or {}) from a checkpoint file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DaqkdError(f"checkpoint {path} does not exist: pass --weights an existing file")
+    if path.suffix == ".safetensors":
+        try:
+            state = load_file(str(path))
+            with safe_open(str(path), framework="pt") as f:
+                raw = (f.metadata() or {}).get(METADATA_KEY)
+        except (SafetensorError, OSError) as exc:
+            raise DaqkdError(f"cannot read {path} as safetensors ({exc}): is the file complete?") from exc
+        return state, json.loads(raw) if raw else {}
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DaqkdError(
+            f"cannot read {path} as a weights-only PyTorch checkpoint ({first[:200]}): "
+            "pass a state dict saved with torch.save, or a .safetensors file"
+        ) from exc
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise DaqkdError(f"{path} holds no state dict of tensors: pass a model's weights")
+    return {k.removeprefix("module."): v for k, v in obj.items()}, {}
+
+
+def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path,
+                           arch: str) -> None:
+    """``model.load_state_dict(state)`` with one clear error line when they do not fit."""
+    own = model.state_dict()
+    # BatchNorm fills in num_batches_tracked, which checkpoints from before PyTorch 0.4.1 lack.
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        raise DaqkdError(
+            f"checkpoint {path} does not fit --arch {arch}: keys {'; '.join(parts)}; "
+            "pass the --arch the weights were trained with"
+        )
+    for key, value in own.items():
+        if key in state and state[key].shape != value.shape:
+            if value.ndim >= 1 and key == _head_key(own) and state[key].shape[1:] == value.shape[1:]:
+                raise DaqkdError(
+                    f"checkpoint {path} has {state[key].shape[0]} classes but the data has "
+                    f"{value.shape[0]}: pass weights trained on this data set"
+                )
+            raise DaqkdError(
+                f"checkpoint {path} does not fit --arch {arch}: {key} has shape "
+                f"{tuple(state[key].shape)}, the model wants {tuple(value.shape)}"
+            )
+    model.load_state_dict(state)
+
+
+def _head_key(state: dict[str, torch.Tensor]) -> str:
+    """The weight of the last layer (the classifier head) in a state dict."""
+    weights = [k for k, v in state.items() if k.endswith("weight") and v.ndim == 2]
+    return weights[-1] if weights else ""
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, metadata: dict[str, Any]) -> None:
+    """Write ``model``'s state dict and metadata as safetensors, atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(state, tmp, metadata={METADATA_KEY: json.dumps(metadata)})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write JSON via a temp file and rename, so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def load_classifier(weights: str | Path, arch: str | None, num_classes: int,
+                    normalize: str | None) -> tuple[nn.Module, dict[str, Any]]:
+    """A model that takes uint8 images: ``arch`` built for ``num_classes``, loaded from ``weights``,
+    wrapped with its input normalization.
+
+    ``arch`` and ``normalize`` may come from the checkpoint's metadata (the project's own
+    checkpoints); given explicitly they win. Returns (model, description for reports).
+    """
+    from .models import NormalizedModel, create_model, parse_normalization
+
+    state, meta = read_checkpoint(weights)
+    arch = arch or meta.get("arch")
+    if arch is None:
+        raise DaqkdError(f"{weights} does not say its architecture: pass --arch (e.g. resnet20)")
+    normalize = normalize or meta.get("normalize")
+    if normalize is None:
+        raise DaqkdError(
+            f"{weights} does not say how its inputs were normalized: pass --normalize "
+            "cifar10|cifar100|imagenet|m1,m2,m3:s1,s2,s3 (the shared CIFAR ResNets use imagenet)"
+        )
+    norm = parse_normalization(normalize)
+    model = create_model(arch, num_classes)
+    load_state_dict_strict(model, state, weights, arch)
+    info = {"arch": arch, "weights": str(weights), "normalize": norm.spec()}
+    return NormalizedModel(model, norm), info
