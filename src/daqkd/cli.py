@@ -1,0 +1,179 @@
+"""The ``daqkd`` command line.
+
+Subcommands share the data and runtime options (``--data``/``--dataset``, ``--split``,
+``--limit-per-class``, ``--seed``, ``--device``). Input mistakes end with one
+``daqkd: error: ...`` line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .augment import known_names, parse_candidates
+from .augment.base import SMALL_IMAGE_MAX
+from .checkpoint import load_classifier, write_json_atomic
+from .data import TORCHVISION_DATASETS, load_data
+from .errors import DaqkdError
+from .rank import RankConfig, rank_candidates
+from .runtime import init_distributed, is_main_process, select_device
+
+# torch.compile costs ~30 s on CPU; it pays off above this many teacher forwards.
+COMPILE_AUTO_MIN_IMAGES = 100_000
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    """Data, seed and device options, the same for every subcommand."""
+    group = parser.add_argument_group("data and runtime")
+    group.add_argument("--data", metavar="DIR", help="ImageFolder root with train/ and test/ (e.g. ../shared/data/cifar10)")
+    group.add_argument("--dataset", choices=TORCHVISION_DATASETS, help="download through torchvision instead of --data")
+    group.add_argument("--data-root", default="~/.cache/daqkd", help="where --dataset downloads to (default %(default)s)")
+    group.add_argument("--split", default="train", choices=("train", "test"), help="default %(default)s")
+    group.add_argument("--limit-per-class", type=int, metavar="K", help="first K images of each class (sorted file order)")
+    group.add_argument("--seed", type=int, default=0, help="default %(default)s; same seed, same numbers")
+    group.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
+
+
+def add_rank_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "rank", help="rank data augmentations for a teacher, without training",
+        description="Pass the split through the teacher once per candidate DA and rank the candidates by "
+                    "score = centroid_ce - cmi_weight * cmi (lower is better), beside the variance baseline.",
+    )
+    add_data_args(p)
+    model = p.add_argument_group("teacher")
+    model.add_argument("--arch", help="resnet20/32/44/56/110, vgg8/11/13, mobilenetv2, or a torchvision model name")
+    model.add_argument("--weights", required=True, metavar="FILE", help=".th/.pt/.pth (weights only) or .safetensors")
+    model.add_argument("--normalize", help="cifar10, cifar100, imagenet or m1,m2,m3:s1,s2,s3 (stored in daqkd checkpoints)")
+    model.add_argument("--crop-size", type=int, default=224, help=f"input size for images larger than {SMALL_IMAGE_MAX} px")
+    r = p.add_argument_group("ranking")
+    r.add_argument("--augs", default="all", help="comma-separated candidates, or 'all' (the paper's 16); known: "
+                   + ", ".join(known_names()))
+    r.add_argument("--score", default="paper", choices=("paper", "sample"),
+                   help="paper: centroid_ce - w*cmi (default); sample: per-sample ce - w*cmi")
+    r.add_argument("--cmi-weight", type=float, default=1.0, help="w in the score (default %(default)s)")
+    r.add_argument("--repeats", type=int, default=1, help="passes with fresh random draws; reports standard errors")
+    r.add_argument("--variance-group", type=int, default=1000, help="samples per group of the variance baseline")
+    r.add_argument("--variance-paired", action="store_true",
+                   help="groups also hold the plain crop+flip view of the same images (Wang et al.'s protocol)")
+    r.add_argument("--batch-size", type=int, default=256)
+    r.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
+                   help=f"torch.compile the teacher (auto: on above {COMPILE_AUTO_MIN_IMAGES:,} forwards)")
+    r.add_argument("--no-prefetch", action="store_true", help="augment in the main thread (no overlap)")
+    r.add_argument("--out", metavar="FILE", help="write the report as JSON")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_rank)
+
+
+def cmd_rank(args: argparse.Namespace) -> int:
+    augs = parse_candidates(args.augs)
+    for name, value, low in (("--repeats", args.repeats, 1), ("--batch-size", args.batch_size, 1),
+                             ("--variance-group", args.variance_group, 1)):
+        if value < low:
+            raise DaqkdError(f"{name} must be at least {low}, got {value}")
+    init_distributed()
+    device = select_device(args.device)
+    torch.manual_seed(args.seed)
+    data = load_data(args.data, args.dataset, args.split, args.limit_per_class, args.data_root)
+    model, teacher = load_classifier(args.weights, args.arch, data.num_classes, args.normalize)
+    forwards = len(data) * len(augs) * args.repeats * (2 if args.variance_paired else 1)
+    compiled = args.compile == "on" or (args.compile == "auto" and forwards >= COMPILE_AUTO_MIN_IMAGES)
+    config = RankConfig(
+        augs=augs, batch_size=args.batch_size, seed=args.seed, repeats=args.repeats,
+        cmi_weight=args.cmi_weight, score=args.score, variance_group=args.variance_group,
+        variance_paired=args.variance_paired, prefetch=not args.no_prefetch,
+    )
+    main = is_main_process()
+    if main:
+        print(f"daqkd rank: {len(data):,} {args.split} images, {data.num_classes} classes from {data.source}; "
+              f"teacher {teacher['arch']} on {device}{' (compiled)' if compiled else ''}; "
+              f"{len(augs)} candidates x {args.repeats} pass(es)", flush=True)
+    progress = None if args.no_progress or not main else ProgressBars()
+    report = rank_candidates(model, data, config, device, compiled, progress, args.crop_size)
+    if progress is not None:
+        progress.close()
+    report["split"] = args.split
+    report["teacher"] = teacher
+    report["data"] = data.source
+    report["device"] = str(device)
+    if main:
+        print(format_table(report))
+        if args.out:
+            write_json_atomic(args.out, report)
+            print(f"wrote {args.out}")
+    return 0
+
+
+class ProgressBars:
+    """One tqdm bar per candidate pass."""
+
+    def __init__(self) -> None:
+        self.bar = None
+        self.key: tuple[str, int] | None = None
+
+    def __call__(self, name: str, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None or self.bar.n >= self.bar.total or self.key != (name, total) or done < self.bar.n:
+            self.close()
+            self.bar = tqdm(total=total, desc=f"{name:<28}", unit="img", leave=False, dynamic_ncols=True)
+            self.key = (name, total)
+        self.bar.update(min(done, total) - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _fmt(value: float | None, se: float | None = None, digits: int = 4) -> str:
+    if value is None:
+        return "n/a"
+    text = f"{value:.{digits}f}"
+    return text + (f"±{se:.{digits}f}" if se is not None else "")
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The ranking as an aligned text table (best first), with the variance baseline's rank."""
+    header = ["rank", "candidate", "score", "centroid_ce", "cmi", "ce", "variance", "var.rank", "acc", "img/s"]
+    rows = []
+    for c in report["candidates"]:
+        rows.append([
+            str(c["rank"]), c["name"], _fmt(c["score"], c.get("score_se")),
+            _fmt(c["centroid_ce"], c.get("centroid_ce_se")), _fmt(c["cmi"], c.get("cmi_se")),
+            _fmt(c["ce"], c.get("ce_se")), _fmt(c["variance"], c.get("variance_se"), 5),
+            str(c["variance_rank"]), _fmt(100 * c["accuracy"], None, 2), f"{c['images_per_s']:.0f}",
+        ])
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    lines = ["  ".join(h.ljust(w) if i == 1 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths)))]
+    for r in rows:
+        lines.append("  ".join(v.ljust(w) if i == 1 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths))))
+    cfg = report["config"]
+    lines.append(f"selected: {report['selected']}  (score = {'centroid_ce' if cfg['score'] == 'paper' else 'ce'}"
+                 f" - {cfg['cmi_weight']:g} * cmi, lower is better; variance groups of {report['variance_group']})")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="daqkd", description="Data-Augmented Quantization-Aware Knowledge Distillation")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    add_rank_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except DaqkdError as exc:
+        print(f"daqkd: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
