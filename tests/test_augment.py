@@ -1,0 +1,139 @@
+"""Batched per-image augmentation: equal to torchvision image by image, random per image, seeded."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torchvision.transforms import v2
+
+from daqkd.augment import PAPER_CANDIDATES, Candidate, cutmix, known_names, parse_candidates
+from daqkd.augment.base import random_crop_flip
+from daqkd.augment.ops import BATCH_OPS
+from daqkd.augment.policies import RandomErasingPolicy
+from daqkd.errors import DaqkdError
+
+# magnitude ranges covering every op's use in torchvision's policies
+RANGES = {
+    "ShearX": (-0.99, 0.99), "ShearY": (-0.99, 0.99), "TranslateX": (-32, 32), "TranslateY": (-32, 32),
+    "Rotate": (-135, 135), "Brightness": (-0.99, 0.99), "Color": (-0.99, 0.99),
+    "Contrast": (-0.99, 0.99), "Sharpness": (-0.99, 0.99), "Posterize": (1, 8), "Solarize": (0, 1),
+}
+
+
+def images(n: int = 48, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    batch = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+    batch[: n // 2] = (batch[: n // 2] * 0.3 + 60).to(torch.uint8)  # low contrast: autocontrast acts
+    return batch
+
+
+@pytest.mark.parametrize("interpolation", ["nearest", "bilinear"])
+@pytest.mark.parametrize("op", sorted(BATCH_OPS))
+def test_batched_op_equals_torchvision_per_image(op: str, interpolation: str) -> None:
+    batch = images()
+    low, high = RANGES.get(op, (0.0, 0.0))
+    magnitude = torch.rand(len(batch), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    magnitude = magnitude * (high - low) + low
+    if op == "Posterize":
+        magnitude = magnitude.round()
+    if op == "Rotate":
+        magnitude[:4] = torch.tensor([90.0, -90.0, 180.0, 0.0])
+    ours = BATCH_OPS[op](batch, magnitude, interpolation)
+    reference = v2.TrivialAugmentWide()  # torchvision's single-image kernel dispatcher
+    for i in range(len(batch)):
+        value = int(magnitude[i]) if op == "Posterize" else float(magnitude[i])
+        expected = reference._apply_image_or_video_transform(batch[i], op, value, interpolation, reference._fill)
+        assert torch.equal(ours[i], expected), f"{op} differs from torchvision on image {i}"
+
+
+@pytest.mark.parametrize("name", [n for n in known_names() if n not in ("identity", "identity+cutmix")])
+def test_augmentation_is_random_per_image(name: str) -> None:
+    same = images(1).expand(64, -1, -1, -1).contiguous()
+    out, _ = Candidate(name, 10)(same, torch.zeros(64, dtype=torch.int64), torch.Generator().manual_seed(0))
+    distinct = len({tuple(o.flatten().tolist()) for o in out})
+    assert distinct > 16, f"{name}: only {distinct} distinct outputs for 64 copies of one image"
+
+
+@pytest.mark.parametrize("name", ["autoaugment-svhn", "augmix+cutmix", "randomerasing"])
+def test_same_seed_same_augmentation(name: str) -> None:
+    batch, labels = images(), torch.arange(48) % 10
+    a = Candidate(name, 10)(batch, labels, torch.Generator().manual_seed(7))
+    b = Candidate(name, 10)(batch, labels, torch.Generator().manual_seed(7))
+    c = Candidate(name, 10)(batch, labels, torch.Generator().manual_seed(8))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], c[0])
+
+
+def test_identity_leaves_small_images_alone() -> None:
+    batch = images()
+    out, labels = Candidate("identity", 10)(batch, torch.arange(48), torch.Generator().manual_seed(0))
+    assert torch.equal(out, batch) and torch.equal(labels, torch.arange(48))
+
+
+def test_random_crop_flip_is_a_padded_crop() -> None:
+    ramp = (torch.arange(3 * 32 * 32) % 251 + 1).to(torch.uint8).view(1, 3, 32, 32)  # no zeros inside
+    batch = ramp.expand(200, -1, -1, -1)
+    out = random_crop_flip(batch, torch.Generator().manual_seed(0))
+    padded = torch.nn.functional.pad(ramp[0], (4, 4, 4, 4))
+    seen = set()
+    for o in out:
+        matches = [(t, l, f) for t in range(9) for l in range(9) for f in (False, True)
+                   if torch.equal(o, (lambda c: c.flip(-1) if f else c)(padded[:, t:t + 32, l:l + 32]))]
+        assert matches, "output is not a crop of the zero-padded image"
+        seen.add(matches[0])
+    assert len(seen) > 60  # 162 possible (offset, flip) pairs, spread over 200 draws
+    assert {f for _, _, f in seen} == {False, True}
+
+
+def test_autoaugment_changes_as_often_as_torchvision() -> None:
+    """The share of images AutoAugment-CIFAR10 leaves unchanged matches torchvision's own."""
+    batch = images(600, seed=3)
+    ours = Candidate("autoaugment-cifar10", 10).policy(batch, torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    tv = v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10)
+    theirs = torch.stack([tv(im) for im in batch])
+    unchanged_ours = (ours == batch).flatten(1).all(1).float().mean()
+    unchanged_tv = (theirs == batch).flatten(1).all(1).float().mean()
+    assert abs(unchanged_ours - unchanged_tv) < 0.06  # ~3.5 standard errors for p ~ 0.3, n = 600
+
+
+def test_random_erasing_rate_and_area() -> None:
+    batch = torch.full((2000, 3, 32, 32), 200, dtype=torch.uint8)
+    out = RandomErasingPolicy()(batch, torch.Generator().manual_seed(0))
+    erased = (out == 0).flatten(1)
+    rate = erased.any(1).float().mean()
+    assert 0.45 < rate < 0.55
+    area = erased[erased.any(1)].float().mean()  # scale U(0.02, 0.33) -> mean ~0.175 where it fits
+    assert 0.12 < area < 0.2
+
+
+def test_cutmix_matches_torchvision_and_mixes_label_mass() -> None:
+    batch, labels = images(16), torch.arange(16) % 10
+    mixed, soft = cutmix(batch, labels, 10, torch.Generator().manual_seed(3))
+    assert soft.shape == (16, 10)
+    assert torch.allclose(soft.sum(1), torch.ones(16))
+    pasted = (mixed != batch).flatten(1).any(0).view(3, 32, 32).any(0)  # where the box is
+    lam = soft[0, labels[0]]
+    # the rolled neighbour's share equals the pasted box's share of the image (up to equal pixels)
+    assert float(1 - lam) >= float(pasted.float().mean()) - 1e-6
+    seed = int(torch.randint(2**62, (1,), generator=torch.Generator().manual_seed(3)))
+    torch.manual_seed(seed)
+    expected_images, expected_soft = v2.CutMix(alpha=1.0, num_classes=10)(batch, labels)
+    assert torch.equal(mixed, expected_images) and torch.equal(soft, expected_soft)
+
+
+def test_parse_candidates() -> None:
+    assert parse_candidates("all") == PAPER_CANDIDATES
+    assert len(PAPER_CANDIDATES) == 16
+    assert parse_candidates("none, augmix+cutmix,none") == ["none", "augmix+cutmix"]
+    with pytest.raises(DaqkdError, match="unknown augmentation 'autoaugment'.*autoaugment-cifar10"):
+        parse_candidates("none,autoaugment")
+
+
+def test_large_mixed_size_images_get_resized_crops() -> None:
+    g = torch.Generator().manual_seed(0)
+    varied = [torch.randint(0, 256, (3, 80 + 7 * i, 96), dtype=torch.uint8, generator=g) for i in range(5)]
+    for name in ("identity", "none", "trivialaugment+cutmix"):
+        out, targets = Candidate(name, 4, crop_size=48)(varied, torch.arange(5) % 4, g)
+        assert out.shape == (5, 3, 48, 48) and out.dtype == torch.uint8
+        assert targets.shape[0] == 5
