@@ -63,7 +63,6 @@ def add_rank_parser(subparsers: Any) -> None:
     r.add_argument("--batch-size", type=int, default=256)
     r.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
                    help=f"torch.compile the teacher (auto: on above {COMPILE_AUTO_MIN_IMAGES:,} forwards)")
-    r.add_argument("--no-prefetch", action="store_true", help="augment in the main thread (no overlap)")
     r.add_argument("--out", metavar="FILE", help="write the report as JSON")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_rank)
@@ -85,7 +84,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
     config = RankConfig(
         augs=augs, batch_size=args.batch_size, seed=args.seed, repeats=args.repeats,
         cmi_weight=args.cmi_weight, score=args.score, variance_group=args.variance_group,
-        variance_paired=args.variance_paired, prefetch=not args.no_prefetch,
+        variance_paired=args.variance_paired,
     )
     main = is_main_process()
     if main:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -42,7 +41,6 @@ class RankConfig:
     score: str = "paper"  # "paper": centroid_ce - w * cmi; "sample": ce - w * cmi
     variance_group: int = 1000
     variance_paired: bool = False
-    prefetch: bool = True  # augment the next batch in a thread while the model runs
 
 
 def effective_group_size(requested: int, images: int) -> int:
@@ -95,27 +93,18 @@ def run_pass(runner: TeacherRunner, data: ImageSet, candidate: Candidate, config
         x, targets = candidate(images, data.labels[idx].to(runner.device), generator, base=base)
         return x, targets, base if config.variance_paired else None
 
+    # Augmentation runs inline: on CUDA its kernels queue behind the model's asynchronously; on CPU
+    # a prefetch thread measured slower (its OpenMP team fights the model's for the cores).
     start = time.perf_counter()
     done = 0
-    pool = ThreadPoolExecutor(1) if config.prefetch else None
-    try:
-        pending = pool.submit(prepare, batches[0]) if pool and len(batches) else None
-        for position, b in enumerate(batches):
-            if pool is not None:
-                x, targets, base = pending.result()
-                if position + 1 < len(batches):
-                    pending = pool.submit(prepare, batches[position + 1])
-            else:
-                x, targets, base = prepare(b)
-            logits = runner(x)
-            paired = runner(base) if base is not None else None
-            stats.update(logits, targets, paired)
-            done += x.shape[0]
-            if progress is not None:
-                progress(candidate.name, done * world, len(data))
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+    for b in batches:
+        x, targets, base = prepare(b)
+        logits = runner(x)
+        paired = runner(base) if base is not None else None
+        stats.update(logits, targets, paired)
+        done += x.shape[0]
+        if progress is not None:
+            progress(candidate.name, done * world, len(data))
     stats.all_reduce()
     return stats, time.perf_counter() - start
 
@@ -131,9 +120,12 @@ def summarize(values: list[float]) -> tuple[float, float | None]:
 
 def rank_candidates(model: nn.Module, data: ImageSet, config: RankConfig, device: torch.device,
                     compiled: bool = False, progress: Progress | None = None,
-                    crop_size: int = 224) -> dict[str, Any]:
-    """Rank ``config.augs`` for ``model`` on ``data``; the report `daqkd rank` writes as JSON."""
-    runner = TeacherRunner(model, device, config.batch_size, compiled)
+                    crop_size: int = 224, runner: TeacherRunner | None = None) -> dict[str, Any]:
+    """Rank ``config.augs`` for ``model`` on ``data``; the report `daqkd rank` writes as JSON.
+
+    Pass ``runner`` to reuse an already compiled and warmed-up teacher.
+    """
+    runner = runner or TeacherRunner(model, device, config.batch_size, compiled)
     group_size = effective_group_size(config.variance_group, len(data))
     results = []
     for name in config.augs:
