@@ -48,7 +48,7 @@ def quantize_unit(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def mse_clip(x: torch.Tensor, bits: int, signed: bool, dims: tuple[int, ...] | None = None,
-             candidates: int = 100, max_elements: int = 1 << 18) -> torch.Tensor:
+             candidates: int = 100, max_elements: int = 1 << 16) -> torch.Tensor:
     """The clipping range c that minimizes ||Q_c(x) - x||^2 for a uniform 2^bits-level quantizer on
     [-c, c] (signed) or [0, c] (unsigned), searched over c = max|x| k / candidates, k = 1..candidates
     (the MSE range search of Banner et al., "Post training 4-bit quantization of convolutional
@@ -69,20 +69,26 @@ def mse_clip(x: torch.Tensor, bits: int, signed: bool, dims: tuple[int, ...] | N
         keep = True
     top = x.abs().amax(dim=dims, keepdim=True).clamp_min(1e-12)
     levels = (1 << bits) - 1
-    best_err = torch.full_like(top, float("inf"))
-    best = top.clone()
-    for k in range(1, candidates + 1):
-        c = top * (k / candidates)
+    xs = x.unsqueeze(0)
+    best = best_err = None
+    # candidates in chunks of (chunk, *x.shape) elements: vectorized, with bounded memory
+    for fractions in torch.arange(1, candidates + 1, dtype=x.dtype, device=x.device).div_(candidates).split(
+            max(1, (1 << 24) // x.numel())):
+        c = fractions.view(-1, *([1] * x.ndim)) * top
         if signed:
             step = 2 * c / levels
-            q = torch.round((x.clamp(-c, c) + c) / step) * step - c
+            q = torch.round((torch.minimum(torch.maximum(xs, -c), c) + c) / step) * step - c
         else:
             step = c / levels
-            q = torch.round(torch.minimum(x.clamp_min(0), c) / step) * step
-        err = (q - x).square().sum(dim=dims, keepdim=True)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best = torch.where(better, c, best)
+            q = torch.round(torch.minimum(xs.clamp_min(0), c) / step) * step
+        err = (q - xs).square().sum(dim=tuple(d + 1 for d in dims), keepdim=True)
+        chunk_err, index = err.min(dim=0)
+        chunk_best = c.gather(0, index.unsqueeze(0)).squeeze(0)
+        if best is None:
+            best, best_err = chunk_best, chunk_err
+        else:  # strictly better only: ties keep the smaller range
+            better = chunk_err < best_err
+            best, best_err = torch.where(better, chunk_best, best), torch.where(better, chunk_err, best_err)
     return best if keep else best.reshape(())
 
 
