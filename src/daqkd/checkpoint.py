@@ -140,3 +140,45 @@ def load_classifier(weights: str | Path, arch: str | None, num_classes: int,
     load_state_dict_strict(model, state, weights, arch)
     info = {"arch": arch, "weights": str(weights), "normalize": norm.spec()}
     return NormalizedModel(model, norm), info
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run directory means its best checkpoint (model.safetensors); a file is itself."""
+    path = Path(path)
+    if path.is_dir():
+        candidate = path / "model.safetensors"
+        if not candidate.is_file():
+            raise DaqkdError(f"{path} holds no model.safetensors: pass a finished run directory or a checkpoint file")
+        return candidate
+    return path
+
+
+def load_run_model(path: str | Path, num_classes: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a daqkd checkpoint (FP or quantized) as a model taking uint8 images; (model, metadata)."""
+    from .models import NormalizedModel, create_model, parse_normalization
+    from .quant import QuantConfig, quantize_model
+
+    file = resolve_checkpoint(path)
+    state, meta = read_checkpoint(file)
+    if "arch" not in meta or "normalize" not in meta:
+        raise DaqkdError(f"{file} is not a daqkd checkpoint (no arch/normalize metadata): "
+                         "use --weights with --arch and --normalize instead")
+    classes = num_classes if num_classes is not None else int(meta.get("num_classes", len(meta.get("classes", []))))
+    model = create_model(meta["arch"], classes)
+    if meta.get("quant"):
+        quantize_model(model, QuantConfig(**meta["quant"]))
+    load_state_dict_strict(model, state, file, meta["arch"])
+    return NormalizedModel(model, parse_normalization(meta["normalize"])), meta
+
+
+def model_size_bytes(model: nn.Module) -> dict[str, float]:
+    """Bytes of the weights at their bit widths (quantized layers' weights at w_bits, everything else
+    at 32 bits) and at FP32."""
+    from .quant import quantized_layers
+
+    quant_bits = {id(m.weight): m.weight_quantizer.bits for m in quantized_layers(model).values()}
+    fp_bits = low_bits = 0
+    for p in model.parameters():
+        fp_bits += 32 * p.numel()
+        low_bits += quant_bits.get(id(p), 32) * p.numel()
+    return {"bytes": low_bits / 8, "fp32_bytes": fp_bits / 8, "compression": fp_bits / max(low_bits, 1)}

@@ -26,6 +26,11 @@ from .runtime import init_distributed, is_main_process, select_device
 COMPILE_AUTO_MIN_IMAGES = 100_000
 
 
+def compile_pays(forwards: int) -> bool:
+    """Whether torch.compile of a teacher pays off over this many forwards."""
+    return forwards >= COMPILE_AUTO_MIN_IMAGES
+
+
 def add_data_args(parser: argparse.ArgumentParser) -> None:
     """Data, seed and device options, the same for every subcommand."""
     group = parser.add_argument_group("data and runtime")
@@ -80,7 +85,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
     data = load_data(args.data, args.dataset, args.split, args.limit_per_class, args.data_root)
     model, teacher = load_classifier(args.weights, args.arch, data.num_classes, args.normalize)
     forwards = len(data) * len(augs) * args.repeats * (2 if args.variance_paired else 1)
-    compiled = args.compile == "on" or (args.compile == "auto" and forwards >= COMPILE_AUTO_MIN_IMAGES)
+    compiled = args.compile == "on" or (args.compile == "auto" and compile_pays(forwards))
     config = RankConfig(
         augs=augs, batch_size=args.batch_size, seed=args.seed, repeats=args.repeats,
         cmi_weight=args.cmi_weight, score=args.score, variance_group=args.variance_group,
@@ -162,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="daqkd", description="Data-Augmented Quantization-Aware Knowledge Distillation")
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_rank_parser(subparsers)
+    from .cli_train import add_parsers
+
+    add_parsers(subparsers, add_data_args)
     return parser
 
 

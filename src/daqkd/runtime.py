@@ -14,7 +14,7 @@ def select_device(name: str = "auto") -> torch.device:
     """``auto`` picks CUDA when available, else CPU; ``cpu``, ``cuda``, ``cuda:N`` force one."""
     if name == "auto":
         if dist.is_available() and dist.is_initialized() and torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)

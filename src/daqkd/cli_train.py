@@ -1,0 +1,252 @@
+"""`daqkd teacher`, `daqkd train` and `daqkd eval`: FP teacher, QAT + KD student, evaluation."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .augment import parse_candidates
+from .checkpoint import (
+    load_classifier,
+    load_run_model,
+    load_state_dict_strict,
+    model_size_bytes,
+    read_checkpoint,
+    write_json_atomic,
+)
+from .data import ImageSet, load_data
+from .distill import LOSSES, DistillConfig, create_loss
+from .errors import DaqkdError
+from .models import Normalization, NormalizedModel, create_model, parse_normalization
+from .quant import QUANTIZERS, QuantConfig, check_bits, quantize_model
+from .rank import RankConfig, rank_candidates
+from .runtime import init_distributed, is_main_process, select_device
+from .train import BEST_FILE, TrainConfig, Trainer, evaluate
+
+
+def add_optim_args(parser: argparse.ArgumentParser, *, lr: float, optimizer: str, aug: str | None) -> None:
+    g = parser.add_argument_group("optimization")
+    g.add_argument("--epochs", type=int, default=1)
+    g.add_argument("--batch-size", type=int, default=256)
+    if aug is not None:
+        g.add_argument("--aug", default=aug, help="a DA name (see daqkd rank --help)" + (", or 'auto'" if aug == "auto" else ""))
+    g.add_argument("--optimizer", default=optimizer, choices=("sgd", "adam"))
+    g.add_argument("--lr", type=float, default=lr)
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=float, default=1e-4)
+    g.add_argument("--warmup-epochs", type=float, default=0.0)
+    g.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps")
+    g.add_argument("--out", required=True, metavar="RUN", help="run directory")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    g.add_argument("--no-progress", action="store_true")
+
+
+def add_parsers(subparsers: Any, add_data_args) -> None:
+    t = subparsers.add_parser("teacher", help="train or fine-tune a full-precision model")
+    add_data_args(t)
+    t.add_argument("--arch", required=True)
+    t.add_argument("--init", metavar="FILE", help="start from these weights (fine-tuning)")
+    t.add_argument("--normalize", help="input normalization (default: from --init, else the data's own statistics)")
+    t.add_argument("--label-smoothing", type=float, default=0.0)
+    add_optim_args(t, lr=0.1, optimizer="sgd", aug="none+cutmix")
+    t.set_defaults(func=cmd_teacher)
+
+    s = subparsers.add_parser("train", help="QAT + KD of a low-bit student from a teacher")
+    add_data_args(s)
+    add_student_args(s)
+    add_optim_args(s, lr=1e-3, optimizer="adam", aug="auto")
+    s.set_defaults(func=cmd_train)
+
+    e = subparsers.add_parser("eval", help="evaluate a run directory or checkpoint")
+    e.add_argument("run", help="run directory or daqkd checkpoint")
+    add_data_args(e)
+    e.add_argument("--out", metavar="FILE", help="write the report as JSON")
+    e.set_defaults(func=cmd_eval, split="test")
+
+
+def add_student_args(s: argparse.ArgumentParser) -> None:
+    """The student's options, shared by `daqkd train` and `daqkd sweep`."""
+    s.add_argument("--teacher", required=True, metavar="CKPT", help="teacher run directory or daqkd checkpoint")
+    s.add_argument("--arch", help="student architecture (default: the teacher's; it then starts from its weights)")
+    s.add_argument("--init", metavar="FILE", help="student weights when the architectures differ")
+    s.add_argument("--method", default="ewgs", choices=sorted(QUANTIZERS))
+    s.add_argument("--w-bits", type=int, default=2)
+    s.add_argument("--a-bits", type=int, default=2)
+    s.add_argument("--per-channel", action="store_true")
+    s.add_argument("--first-last", default="fp", help="fp, same, or a bit width (e.g. 8)")
+    s.add_argument("--ewgs-delta", default="0", help="a fixed delta, or 'hessian'")
+    s.add_argument("--kd", default="kd", choices=sorted(LOSSES))
+    s.add_argument("--gamma", type=float, default=1.0, help="CE weight")
+    s.add_argument("--alpha", type=float, default=2.0, help="KD weight")
+    s.add_argument("--temperature", type=float, default=4.0)
+    s.add_argument("--augs", default="all", help="candidates for --aug auto")
+    s.add_argument("--quant-lr", type=float, default=1e-5)
+
+
+def data_statistics(data: ImageSet) -> Normalization:
+    """Per-channel mean and std of the images (scaled to [0, 1])."""
+    images = data.images if isinstance(data.images, torch.Tensor) else torch.stack(
+        [im.float().mean(dim=(1, 2)) for im in data.images])[:, :, None, None]
+    x = images.float() / 255.0
+    mean = x.mean(dim=(0, 2, 3)).tolist()
+    std = x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
+    return Normalization(tuple(mean), tuple(std))  # type: ignore[arg-type]
+
+
+def load_train_test(args: argparse.Namespace) -> tuple[ImageSet, ImageSet]:
+    train = load_data(args.data, args.dataset, "train", args.limit_per_class, args.data_root)
+    test = load_data(args.data, args.dataset, "test", args.limit_per_class, args.data_root)
+    return train, test
+
+
+def train_config(args: argparse.Namespace, aug: str) -> TrainConfig:
+    for name in ("epochs", "batch_size"):
+        if getattr(args, name) < 1:
+            raise DaqkdError(f"--{name.replace('_', '-')} must be at least 1")
+    return TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, aug=aug, optimizer=args.optimizer, lr=args.lr,
+        momentum=args.momentum, weight_decay=args.weight_decay, quant_lr=getattr(args, "quant_lr", 1e-5),
+        warmup_epochs=args.warmup_epochs, seed=args.seed, save_every=args.save_every,
+    )
+
+
+def prepare_run(args: argparse.Namespace, command: str) -> Path:
+    """Create the run directory and write config.json; with --resume, reuse the stored config."""
+    run = Path(args.out)
+    config_file = run / "config.json"
+    if args.resume:
+        if not config_file.is_file():
+            raise DaqkdError(f"--resume: {run} has no config.json: pass the directory of an earlier run")
+        stored = json.loads(config_file.read_text())["args"]
+        keep = {"resume": True, "out": args.out, "no_progress": args.no_progress, "device": args.device}
+        vars(args).update({**stored, **keep})
+    elif (run / "state.pt").exists():
+        raise DaqkdError(f"{run} already holds a run: pass --resume to continue it, or another --out")
+    run.mkdir(parents=True, exist_ok=True)
+    if is_main_process():
+        saved = {k: v for k, v in vars(args).items() if k != "func"}
+        write_json_atomic(config_file, {"command": command, "args": saved, "argv": sys.argv[1:]})
+    return run
+
+
+def cmd_teacher(args: argparse.Namespace) -> int:
+    init_distributed()
+    run = prepare_run(args, "teacher")
+    device = select_device(args.device)
+    torch.manual_seed(args.seed)
+    train, test = load_train_test(args)
+    parse_candidates(args.aug)
+    if args.init:
+        model, info = load_classifier(args.init, args.arch, train.num_classes, args.normalize)
+    else:
+        norm = parse_normalization(args.normalize) if args.normalize else data_statistics(train)
+        model = NormalizedModel(create_model(args.arch, train.num_classes), norm)
+        info = {"arch": args.arch, "normalize": norm.spec()}
+    metadata = {"arch": args.arch, "classes": train.classes, "num_classes": train.num_classes,
+                "normalize": info["normalize"], "quant": None, "kind": "teacher"}
+    loss = create_loss("none", DistillConfig(label_smoothing=args.label_smoothing))
+    trainer = Trainer(model, loss, train, test, train_config(args, args.aug), run, device, metadata,
+                      progress=not args.no_progress)
+    if args.resume:
+        trainer.resume()
+    else:
+        before = evaluate(model.to(device), test, device)
+        if is_main_process():
+            print(f"daqkd teacher: {args.arch} on {len(train):,} images, start test top-1 {before['top1']:.2f}%", flush=True)
+    trainer.fit()
+    if is_main_process():
+        print(f"best test top-1 {trainer.best_top1:.2f}% -> {run / BEST_FILE}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    train_student(args)
+    return 0
+
+
+def train_student(args: argparse.Namespace, data: tuple[ImageSet, ImageSet] | None = None) -> Trainer:
+    """`daqkd train` with its parsed arguments; ``data`` = (train, test) already loaded (sweeps)."""
+    init_distributed()
+    run = prepare_run(args, "train")
+    device = select_device(args.device)
+    torch.manual_seed(args.seed)
+    train, test = data if data is not None else load_train_test(args)
+    teacher, teacher_meta = load_run_model(args.teacher, train.num_classes)
+    arch = args.arch or teacher_meta["arch"]
+    delta = None if args.ewgs_delta == "hessian" else float(args.ewgs_delta)
+    first_last: str | int = args.first_last if args.first_last in ("fp", "same") else check_bits(
+        "--first-last", int(args.first_last) if args.first_last.isdigit() else args.first_last)
+    quant = QuantConfig(method=args.method, w_bits=args.w_bits, a_bits=args.a_bits, per_channel=args.per_channel,
+                        first_last=first_last, ewgs_delta=delta)
+    quant.validate()
+    aug = args.aug
+    if aug == "auto":
+        rank_file = run / "rank.json"
+        if rank_file.is_file():
+            aug = json.loads(rank_file.read_text())["selected"]
+        else:
+            from .cli import compile_pays
+
+            candidates = parse_candidates(args.augs)
+            compiled = compile_pays(len(train) * len(candidates))
+            report = rank_candidates(teacher, train, RankConfig(augs=candidates, seed=args.seed), device, compiled)
+            report["split"] = "train"
+            if is_main_process():
+                write_json_atomic(rank_file, report)
+            aug = report["selected"]
+        if is_main_process():
+            print(f"--aug auto: the metric selected {aug} (ranking in {rank_file})", flush=True)
+    parse_candidates(aug)
+    student = create_model(arch, train.num_classes)
+    if arch == teacher_meta["arch"] and not args.init:
+        student.load_state_dict(teacher.model.state_dict())
+    elif args.init:
+        state, _ = read_checkpoint(args.init)
+        load_state_dict_strict(student, state, args.init, arch)
+    quantize_model(student, quant)
+    model = NormalizedModel(student, teacher.normalization)
+    metadata = {"arch": arch, "classes": train.classes, "num_classes": train.num_classes,
+                "normalize": teacher.normalization.spec(), "quant": asdict(quant), "kind": "student",
+                "teacher": str(args.teacher), "aug": aug, "kd": args.kd}
+    loss = create_loss(args.kd, DistillConfig(gamma=args.gamma, alpha=args.alpha, temperature=args.temperature))
+    trainer = Trainer(model, loss, train, test, train_config(args, aug), run, device, metadata,
+                      teacher=teacher, progress=not args.no_progress)
+    if args.resume:
+        trainer.resume()
+    trainer.fit()
+    if is_main_process():
+        print(f"best test top-1 {trainer.best_top1:.2f}% -> {run / BEST_FILE}")
+    return trainer
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    device = select_device(args.device)
+    if args.data is None and args.dataset is None:
+        raise DaqkdError("pass --data DIR (or --dataset) with the test images")
+    test = load_data(args.data, args.dataset, args.split, args.limit_per_class, args.data_root)
+    model, meta = load_run_model(args.run)
+    if meta.get("num_classes", test.num_classes) != test.num_classes:
+        raise DaqkdError(f"{args.run} has {meta['num_classes']} classes but the data has {test.num_classes}: "
+                         "pass the data set it was trained on")
+    model.to(device)
+    metrics = evaluate(model, test, device)
+    size = model_size_bytes(model.model)
+    quant = meta.get("quant")
+    report = {"run": str(args.run), "arch": meta["arch"], "split": args.split, "images": len(test),
+              "w_bits": quant["w_bits"] if quant else 32, "a_bits": quant["a_bits"] if quant else 32,
+              "method": quant["method"] if quant else None, **metrics, "size": size}
+    print(f"{meta['arch']} W{report['w_bits']}A{report['a_bits']}: top-1 {metrics['top1']:.2f}%  "
+          f"top-5 {metrics['top5']:.2f}%  loss {metrics['loss']:.4f}  on {len(test):,} {args.split} images")
+    print(f"model size {size['bytes'] / 1e6:.3f} MB at its bit widths vs {size['fp32_bytes'] / 1e6:.3f} MB FP32 "
+          f"({size['compression']:.1f}x)")
+    for name, acc in metrics["per_class_top1"].items():
+        print(f"  {name:<20} {acc:6.2f}%")
+    if args.out:
+        write_json_atomic(args.out, report)
+    return 0

@@ -1,0 +1,361 @@
+"""The training loop shared by `daqkd teacher` (FP) and `daqkd train` (QAT + KD student).
+
+Batches come from the uint8 images cached in RAM and are augmented on the model's device by the
+same per-image batched DAs as the ranking (cheap next to a training step, so data never starves
+it). Every random draw comes from generators seeded by (seed, epoch, batch), so a run is
+deterministic and a resumed run continues exactly: `RUN/state.pt` (written atomically every epoch
+and every ``save_every`` steps) holds model, optimizers, schedulers, RNG state and position.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .augment import Candidate
+from .checkpoint import save_checkpoint
+from .data import ImageSet
+from .distill import DistillLoss, cross_entropy
+from .errors import DaqkdError
+from .quant import split_parameters
+from .runtime import is_main_process, mix_seed
+
+STATE_FILE = "state.pt"
+BEST_FILE = "model.safetensors"
+LAST_FILE = "last.safetensors"
+
+
+@dataclass
+class TrainConfig:
+    """Optimization settings; recorded in RUN/config.json."""
+
+    epochs: int = 1
+    batch_size: int = 256
+    aug: str = "none"
+    optimizer: str = "sgd"  # "sgd" (momentum) or "adam" for the model's weights
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    quant_lr: float = 1e-5  # quantizer parameters (intervals, steps): Adam, own cosine schedule
+    quant_weight_decay: float = 0.0
+    pact_weight_decay: float = 1e-4  # L2 on PACT's clipping levels
+    warmup_epochs: float = 0.0
+    seed: int = 0
+    save_every: int = 0  # also checkpoint every N steps (0: at epoch ends only)
+    eval_batch_size: int = 500
+    ewgs_delta_every: int = 10  # epochs between Hessian updates of EWGS's delta (when enabled)
+
+
+def cosine_with_warmup(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """LR factor: linear warmup to 1, then cosine to 0 at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def build_optimizers(model: nn.Module, config: TrainConfig, steps_per_epoch: int) -> list[tuple[Any, Any]]:
+    """(optimizer, scheduler) pairs: the model's weights, and (if any) the quantizers' parameters."""
+    groups = split_parameters(model)
+    if config.optimizer == "sgd":
+        main = torch.optim.SGD(groups.model, lr=config.lr, momentum=config.momentum,
+                               weight_decay=config.weight_decay, nesterov=False)
+    elif config.optimizer == "adam":
+        main = torch.optim.Adam(groups.model, lr=config.lr, weight_decay=config.weight_decay)
+    else:
+        raise DaqkdError(f"unknown optimizer {config.optimizer!r}: use sgd or adam")
+    total = config.epochs * steps_per_epoch
+    warmup = int(config.warmup_epochs * steps_per_epoch)
+    pairs = [(main, torch.optim.lr_scheduler.LambdaLR(main, cosine_with_warmup(total, warmup)))]
+    quant_groups = []
+    if groups.quantizer:
+        quant_groups.append({"params": groups.quantizer, "weight_decay": config.quant_weight_decay})
+    if groups.quantizer_decay:
+        quant_groups.append({"params": groups.quantizer_decay, "weight_decay": config.pact_weight_decay})
+    if quant_groups:
+        quant = torch.optim.Adam(quant_groups, lr=config.quant_lr)
+        pairs.append((quant, torch.optim.lr_scheduler.LambdaLR(quant, cosine_with_warmup(total, warmup))))
+    return pairs
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: ImageSet, device: torch.device, batch_size: int = 500) -> dict[str, Any]:
+    """top1, top5 (%), mean CE loss and per-class top-1 (%) on clean images (the identity view)."""
+    was_training = model.training
+    model.eval()
+    view = Candidate("identity", data.num_classes)
+    correct1 = correct5 = 0
+    loss_sum = 0.0
+    per_class_correct = torch.zeros(data.num_classes)
+    per_class_total = torch.zeros(data.num_classes)
+    for start in range(0, len(data), batch_size):
+        idx = torch.arange(start, min(start + batch_size, len(data)))
+        images = data.take(idx)
+        if isinstance(images, torch.Tensor):
+            images = images.to(device)
+        x = view.base_view(images, torch.Generator())
+        labels = data.labels[idx].to(device)
+        with autocast(device):
+            logits = model(x.contiguous(memory_format=torch.channels_last)).float()
+        loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
+        top = logits.topk(min(5, data.num_classes), dim=1).indices
+        hit1 = (top[:, 0] == labels)
+        correct1 += int(hit1.sum())
+        correct5 += int((top == labels[:, None]).any(dim=1).sum())
+        per_class_correct.index_add_(0, labels.cpu(), hit1.float().cpu())
+        per_class_total.index_add_(0, labels.cpu(), torch.ones(len(labels)))
+    model.train(was_training)
+    n = len(data)
+    return {
+        "top1": 100.0 * correct1 / n,
+        "top5": 100.0 * correct5 / n,
+        "loss": loss_sum / n,
+        "per_class_top1": {c: 100.0 * float(per_class_correct[i] / per_class_total[i].clamp_min(1))
+                           for i, c in enumerate(data.classes)},
+    }
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA, nothing on CPU (bf16 is slow on CPUs without AMX/AVX512-BF16)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+@dataclass
+class Trainer:
+    """Trains ``model`` (a NormalizedModel) on ``train_data`` with ``loss``; writes into ``run_dir``.
+
+    ``metadata`` goes into every saved checkpoint (arch, classes, normalization, quantization).
+    """
+
+    model: nn.Module
+    loss: DistillLoss
+    train_data: ImageSet
+    test_data: ImageSet
+    config: TrainConfig
+    run_dir: Path
+    device: torch.device
+    metadata: dict[str, Any]
+    teacher: nn.Module | None = None
+    progress: bool = True
+    on_step: Callable[[int], None] | None = None  # called after every optimizer step (tests)
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    best_top1: float = -1.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.run_dir = Path(self.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.model.to(self.device).to(memory_format=torch.channels_last).train()
+        if self.teacher is not None:
+            self.teacher.to(self.device).to(memory_format=torch.channels_last).eval()
+            for p in self.teacher.parameters():
+                p.requires_grad_(False)
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        self.steps_per_epoch = max(1, len(self.train_data) // self.config.batch_size)
+        self.candidate = Candidate(self.config.aug, self.train_data.num_classes)
+        self._calibrate()
+        self.optimizers = build_optimizers(self.model, self.config, self.steps_per_epoch)
+        self.forward_model = self.model
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.forward_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.writer = None
+
+    def _calibrate(self) -> None:
+        """Quantizers initialize from the first batch they see: give them a fixed one (in eval mode,
+        so BatchNorm statistics are untouched) before the optimizers are built."""
+        from .quant import Quantizer
+
+        if not any(isinstance(m, Quantizer) and not bool(m.initialized) for m in self.model.modules()):
+            return
+        idx = torch.arange(min(len(self.train_data), self.config.batch_size))
+        images, _ = self._batch(idx, torch.Generator().manual_seed(mix_seed(self.config.seed, 2**32)))
+        self.model.eval()
+        with torch.no_grad():
+            self.model(images)
+        self.model.train()
+
+    def _batch(self, idx: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        images = self.train_data.take(idx)
+        if isinstance(images, torch.Tensor):
+            images = images.to(self.device, non_blocking=True)
+        labels = self.train_data.labels[idx].to(self.device)
+        x, targets = self.candidate(images, labels, generator)
+        return x.contiguous(memory_format=torch.channels_last), targets
+
+    # -- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizers": [o.state_dict() for o, _ in self.optimizers],
+            "schedulers": [s.state_dict() for _, s in self.optimizers],
+            "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+            "best_top1": self.best_top1, "history": self.history,
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        for (optimizer, scheduler), o_state, s_state in zip(self.optimizers, state["optimizers"], state["schedulers"]):
+            optimizer.load_state_dict(o_state)
+            scheduler.load_state_dict(s_state)
+        self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
+        self.global_step, self.best_top1 = state["global_step"], state["best_top1"]
+        self.history = list(state["history"])
+        torch.set_rng_state(state["rng_cpu"])
+        if state["rng_cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+
+    def save_state(self) -> None:
+        if not is_main_process():
+            return
+        path = self.run_dir / STATE_FILE
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)
+
+    def resume(self) -> bool:
+        """Continue from RUN/state.pt if present; True if resumed."""
+        path = self.run_dir / STATE_FILE
+        if not path.is_file():
+            return False
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise DaqkdError(f"cannot read {path} ({type(exc).__name__}): the run's state is damaged; "
+                             "start a new run directory") from exc
+        self.load_state_dict(state)
+        return True
+
+    # -- loop ----------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        """Train until ``config.epochs``; returns the last epoch's metrics."""
+        if is_main_process() and self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+        last: dict[str, Any] = self.history[-1] if self.history else {}
+        while self.epoch < self.config.epochs:
+            last = self._train_epoch()
+        if self.writer is not None:
+            self.writer.close()
+        return last
+
+    def _train_epoch(self) -> dict[str, Any]:
+        config, epoch = self.config, self.epoch
+        order = torch.randperm(len(self.train_data), generator=torch.Generator().manual_seed(mix_seed(config.seed, epoch)))
+        bar = None
+        if self.progress and is_main_process():
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
+                       unit="batch", leave=False, dynamic_ncols=True)
+        sums: dict[str, float] = {}
+        seen = 0
+        start = time.perf_counter()
+        self._maybe_update_ewgs_delta(order)
+        for b in range(self.step_in_epoch, self.steps_per_epoch):
+            idx = order[b * config.batch_size:(b + 1) * config.batch_size]
+            x, targets = self._batch(idx, torch.Generator().manual_seed(mix_seed(config.seed, epoch, b)))
+            if self.world > 1:  # each process takes its share of the global batch
+                x, targets = x[self.rank::self.world], targets[self.rank::self.world]
+            terms = self._step(x, targets)
+            self.step_in_epoch = b + 1
+            self.global_step += 1
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v * len(x)
+            seen += len(x)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{terms['loss']:.3f}", img_s=f"{seen / (time.perf_counter() - start):.0f}")
+            if self.writer is not None and self.global_step % 50 == 0:
+                for k, v in terms.items():
+                    self.writer.add_scalar(f"train/{k}", v, self.global_step)
+            if config.save_every and self.global_step % config.save_every == 0:
+                self.save_state()
+            if self.on_step is not None:
+                self.on_step(self.global_step)
+        if bar is not None:
+            bar.close()
+        seconds = time.perf_counter() - start
+        metrics = evaluate(self.model, self.test_data, self.device, config.eval_batch_size)
+        record = {
+            "epoch": epoch + 1, "step": self.global_step,
+            **{f"train_{k}": v / max(seen, 1) for k, v in sums.items()},
+            "test_top1": metrics["top1"], "test_top5": metrics["top5"], "test_loss": metrics["loss"],
+            "lr": self.optimizers[0][0].param_groups[0]["lr"], "seconds": seconds,
+            "images_per_s": seen * self.world / max(seconds, 1e-9),
+        }
+        self.epoch, self.step_in_epoch = epoch + 1, 0
+        self.history.append(record)
+        if is_main_process():
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if self.writer is not None:
+                for k in ("test_top1", "test_top5", "test_loss"):
+                    self.writer.add_scalar(k.replace("_", "/", 1), record[k], epoch + 1)
+            meta = {**self.metadata, "epoch": epoch + 1, "test_top1": metrics["top1"], "test_top5": metrics["top5"]}
+            save_checkpoint(self.run_dir / LAST_FILE, self.model.model, meta)
+            if metrics["top1"] > self.best_top1:
+                self.best_top1 = metrics["top1"]
+                save_checkpoint(self.run_dir / BEST_FILE, self.model.model, meta)
+            print(f"epoch {epoch + 1}/{config.epochs}: loss {record.get('train_loss', float('nan')):.4f}  "
+                  f"test top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  "
+                  f"({record['images_per_s']:.0f} img/s)", flush=True)
+        self.save_state()
+        return record
+
+    def _step(self, x: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+        with autocast(self.device):
+            teacher_logits = None
+            if self.teacher is not None and self.loss.needs_teacher:
+                with torch.no_grad():
+                    teacher_logits = self.teacher(x)
+            logits = self.forward_model(x)
+            terms = self.loss(logits, teacher_logits, targets)
+        loss = terms["loss"]
+        if not torch.isfinite(loss):
+            raise DaqkdError(
+                f"the loss became {float(loss.detach())} at epoch {self.epoch + 1}, step {self.step_in_epoch + 1}; "
+                f"the last good checkpoint is in {self.run_dir}: lower the learning rate (--lr, --quant-lr)")
+        for optimizer, _ in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for optimizer, scheduler in self.optimizers:
+            optimizer.step()
+            scheduler.step()
+        return {k: float(v.detach()) for k, v in terms.items()}
+
+    def _maybe_update_ewgs_delta(self, order: torch.Tensor) -> None:
+        """Hessian-based EWGS delta every ``ewgs_delta_every`` epochs, from a few batches."""
+        from .quant import update_ewgs_delta
+        from .quant.ewgs import EWGSQuantizer
+
+        if self.step_in_epoch or self.epoch % max(1, self.config.ewgs_delta_every):
+            return
+        if not any(isinstance(m, EWGSQuantizer) and m.hessian_delta for m in self.model.modules()):
+            return
+        batches = []
+        for b in range(min(2, self.steps_per_epoch)):
+            idx = order[b * self.config.batch_size:(b + 1) * self.config.batch_size][:64]
+            batches.append(self._batch(idx, torch.Generator().manual_seed(mix_seed(self.config.seed, self.epoch, b))))
+        # the Hessian of the label cross-entropy (the KD term would need the teacher per batch)
+        update_ewgs_delta(self.model, cross_entropy, batches)
+

@@ -1,0 +1,162 @@
+"""Teacher, student and eval: loss values, learning, exact resume, end-to-end CLI runs, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from daqkd.cli import main
+from daqkd.data import load_image_folder
+from daqkd.distill import DistillConfig, create_loss
+from daqkd.errors import DaqkdError
+from daqkd.models import NormalizedModel, create_model, parse_normalization
+from daqkd.quant import QuantConfig, quantize_model
+from daqkd.train import TrainConfig, Trainer
+
+from .conftest import make_image_folder
+
+
+def softmax(v: list[float], t: float = 1.0) -> list[float]:
+    e = [math.exp(x / t) for x in v]
+    return [x / sum(e) for x in e]
+
+
+def test_kd_losses_equal_hand_computation() -> None:
+    s, t = [1.0, 2.0, 3.0], [3.0, 2.0, 1.0]
+    student, teacher, label = torch.tensor([s]), torch.tensor([t]), torch.tensor([2])
+    ps, pt = softmax(s, 4.0), softmax(t, 4.0)
+    kl = sum(b * math.log(b / a) for a, b in zip(ps, pt)) * 16  # T^2 KL(p_t || p_s)
+    ce = -math.log(softmax(s)[2])
+    kd = create_loss("kd", DistillConfig(gamma=1.0, alpha=2.0, temperature=4.0))(student, teacher, label)
+    assert kd["kd"].item() == pytest.approx(kl, rel=1e-5)
+    assert kd["ce"].item() == pytest.approx(ce, rel=1e-6)
+    assert kd["loss"].item() == pytest.approx(ce + 2 * kl, rel=1e-5)
+    assert create_loss("sqakd")(student, teacher, label)["loss"].item() == pytest.approx(kl, rel=1e-5)
+    soft = torch.tensor([[0.25, 0.0, 0.75]])
+    none = create_loss("none", DistillConfig(gamma=0.5))(student, None, soft)
+    expected = -(0.25 * math.log(softmax(s)[0]) + 0.75 * math.log(softmax(s)[2]))
+    assert none["loss"].item() == pytest.approx(0.5 * expected, rel=1e-6)
+    with pytest.raises(DaqkdError, match="unknown --kd 'crd'"):
+        create_loss("crd")
+
+
+def small_trainer(folder: Path, run: Path, epochs: int, quantized: bool, **kw) -> Trainer:
+    train = load_image_folder(folder, "train")
+    test = load_image_folder(folder, "test")
+    norm = parse_normalization("cifar10")
+    torch.manual_seed(0)
+    net = create_model("resnet20", train.num_classes)
+    teacher = None
+    if quantized:
+        teacher = NormalizedModel(create_model("resnet20", train.num_classes), norm)
+        quantize_model(net, QuantConfig("ewgs", 2, 2))
+    loss = create_loss("kd" if quantized else "none")
+    config = TrainConfig(epochs=epochs, batch_size=8, aug="autoaugment-cifar10+cutmix" if quantized else "identity",
+                         optimizer="adam", lr=1e-3, quant_lr=1e-3, seed=1, **kw)
+    return Trainer(NormalizedModel(net, norm), loss, train, test, config, run, torch.device("cpu"),
+                   {"arch": "resnet20", "normalize": norm.spec()}, teacher=teacher, progress=False)
+
+
+def test_loss_falls_when_overfitting_64_images(tmp_path: Path) -> None:
+    folder = make_image_folder(tmp_path / "d", classes=4, per_class=16)
+    trainer = small_trainer(folder, tmp_path / "run", epochs=6, quantized=False)
+    trainer.fit()
+    losses = [h["train_loss"] for h in trainer.history]
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert trainer.history[-1]["test_top1"] > 50
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path: Path, tiny_folder: Path) -> None:
+    whole = small_trainer(tiny_folder, tmp_path / "whole", epochs=2, quantized=True, save_every=3)
+    whole.fit()
+
+    class Killed(Exception):
+        pass
+
+    def kill_at(step: int) -> None:
+        if step == 6:  # just after the checkpoint of step 6, mid-epoch 2 (4 steps per epoch)
+            raise Killed
+
+    first = small_trainer(tiny_folder, tmp_path / "killed", epochs=2, quantized=True, save_every=3)
+    first.on_step = kill_at
+    with pytest.raises(Killed):
+        first.fit()
+    second = small_trainer(tiny_folder, tmp_path / "killed", epochs=2, quantized=True, save_every=3)
+    assert second.resume() and (second.epoch, second.step_in_epoch) == (1, 2)
+    second.fit()
+    expected = whole.model.state_dict()
+    for key, value in second.model.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+    assert [h["test_top1"] for h in second.history] == [h["test_top1"] for h in whole.history]
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_path: Path, tiny_folder: Path) -> None:
+    trainer = small_trainer(tiny_folder, tmp_path / "run", epochs=2, quantized=False)
+
+    def poison(step: int) -> None:
+        if step == 5:  # first step of epoch 2; epoch 1 ended with a checkpoint
+            with torch.no_grad():
+                next(trainer.model.parameters()).fill_(float("nan"))
+
+    trainer.on_step = poison
+    with pytest.raises(DaqkdError, match=r"the loss became nan at epoch 2, step 2; .*lower the learning rate"):
+        trainer.fit()
+    again = small_trainer(tiny_folder, tmp_path / "run", epochs=2, quantized=False)
+    assert again.resume() and again.epoch == 1
+    assert all(torch.isfinite(p).all() for p in again.model.parameters())
+
+
+def test_teacher_train_eval_end_to_end(tmp_path: Path, tiny_folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = ["--data", str(tiny_folder), "--seed", "0"]
+    teacher = tmp_path / "teacher"
+    assert main(["teacher", *data, "--arch", "resnet20", "--epochs", "2", "--batch-size", "12", "--lr", "0.05",
+                 "--out", str(teacher), "--no-progress"]) == 0
+    for name in ("model.safetensors", "last.safetensors", "state.pt", "config.json", "metrics.jsonl"):
+        assert (teacher / name).is_file(), name
+    assert list((teacher / "tensorboard").iterdir())
+    lines = (teacher / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+    assert json.loads((teacher / "config.json").read_text())["args"]["arch"] == "resnet20"
+
+    student = tmp_path / "student"
+    assert main(["train", *data, "--teacher", str(teacher), "--method", "lsq", "--w-bits", "2", "--a-bits", "3",
+                 "--kd", "kd", "--aug", "auto", "--augs", "none,randaugment+cutmix", "--epochs", "1",
+                 "--batch-size", "12", "--out", str(student), "--no-progress"]) == 0
+    rank = json.loads((student / "rank.json").read_text())
+    assert rank["selected"] in ("none", "randaugment+cutmix")
+    assert f"the metric selected {rank['selected']}" in capsys.readouterr().out
+
+    report_file = tmp_path / "eval.json"
+    assert main(["eval", str(student), *data, "--out", str(report_file)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(report_file.read_text())
+    assert (report["w_bits"], report["a_bits"], report["method"]) == (2, 3, "lsq")
+    assert set(report["per_class_top1"]) == {"class_0", "class_1", "class_2"}
+    assert 0 <= report["top1"] <= report["top5"] <= 100
+    assert 10 < report["size"]["compression"] < 16  # 2-bit middle layers, FP stem and head
+    assert "top-1" in printed and "class_2" in printed
+    metrics = [json.loads(line) for line in (student / "metrics.jsonl").read_text().splitlines()]
+    assert report["top1"] == pytest.approx(metrics[-1]["test_top1"])  # eval reloads what training measured
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train", "--teacher", "{teacher}", "--w-bits", "9"], "--w-bits must be an integer from 1 to 8"),
+    (["train", "--teacher", "{teacher}", "--method", "lsq", "--aug", "bogus"], "unknown augmentation 'bogus'"),
+    (["eval", "{tmp}"], "holds no model.safetensors"),
+    (["teacher", "--arch", "resnet20", "--resume"], "has no config.json"),
+])
+def test_training_errors(args: list[str], message: str, tmp_path: Path, tiny_folder: Path,
+                         capsys: pytest.CaptureFixture[str]) -> None:
+    teacher = tmp_path / "t"
+    assert main(["teacher", "--data", str(tiny_folder), "--arch", "resnet20", "--epochs", "1", "--batch-size", "12",
+                 "--out", str(teacher), "--no-progress"]) == 0
+    capsys.readouterr()
+    filled = [a.format(teacher=teacher, tmp=tmp_path) for a in args]
+    extra = [] if filled[0] == "eval" else ["--out", str(tmp_path / "new"), "--no-progress"]
+    assert main([*filled, "--data", str(tiny_folder), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
