@@ -167,9 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="daqkd", description="Data-Augmented Quantization-Aware Knowledge Distillation")
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_rank_parser(subparsers)
+    from .cli_sweep import add_parser as add_sweep_parser
     from .cli_train import add_parsers
 
     add_parsers(subparsers, add_data_args)
+    add_sweep_parser(subparsers, add_data_args)
     return parser
 
 

@@ -1,0 +1,139 @@
+"""`daqkd sweep`: rank the candidate DAs once, train one student per (DA, seed), report whether
+the ranking predicted the students' accuracy (results.json, report.md, scatter.png).
+
+Resumable: the ranking is kept in OUT/rank.json, each student in OUT/runs/<DA>-seed<S>/; a finished
+run is never repeated, a killed one resumes from its last checkpoint, and the outputs are
+rewritten after every run, so a partial sweep always has a current report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .augment import parse_candidates
+from .checkpoint import load_run_model, write_json_atomic
+from .cli_train import add_optim_args, add_student_args, load_train_test, train_student
+from .errors import DaqkdError
+from .rank import RankConfig, rank_candidates
+from .runtime import init_distributed, is_main_process, select_device
+from .sweep import analyze, report_markdown, scatter_plot
+from .train import BEST_FILE
+
+
+def add_parser(subparsers: Any, add_data_args) -> None:
+    p = subparsers.add_parser(
+        "sweep", help="train a student per candidate DA and test whether the ranking predicts accuracy",
+        description="Rank --augs once with the teacher, train one student per candidate and seed "
+                    "(the options of `daqkd train`), and write results.json, report.md and scatter.png.")
+    add_data_args(p)
+    add_student_args(p)
+    add_optim_args(p, lr=1e-3, optimizer="adam", aug=None)
+    p.add_argument("--seeds", type=int, default=1, help="students per DA, seeds --seed .. --seed+S-1")
+    p.set_defaults(func=cmd_sweep)
+
+
+def run_name(aug: str, seed: int) -> str:
+    return f"{aug}-seed{seed}"
+
+
+def finished_run(run: Path, epochs: int) -> dict[str, Any] | None:
+    """The results of a run that reached its last epoch, else None."""
+    metrics_file = run / "metrics.jsonl"
+    if not (metrics_file.is_file() and (run / BEST_FILE).is_file()):
+        return None
+    history = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    if not history or history[-1]["epoch"] < epochs:
+        return None
+    return {"top1": history[-1]["test_top1"], "top5": history[-1]["test_top5"],
+            "best_top1": max(h["test_top1"] for h in history),
+            "train_seconds": sum(h["seconds"] for h in history), "epochs": history[-1]["epoch"]}
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    if args.seeds < 1:
+        raise DaqkdError(f"--seeds must be at least 1, got {args.seeds}")
+    augs = parse_candidates(args.augs)
+    names = list(augs)
+    init_distributed()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = select_device(args.device)
+    data = load_train_test(args)
+    train, _ = data
+    main = is_main_process()
+
+    rank_file = out / "rank.json"
+    if rank_file.is_file():
+        ranking = json.loads(rank_file.read_text())
+        if sorted(c["name"] for c in ranking["candidates"]) != sorted(names):
+            raise DaqkdError(f"{rank_file} ranks other candidates than --augs: use another --out, or delete it")
+    else:
+        teacher, _ = load_run_model(args.teacher, train.num_classes)
+        from .cli import compile_pays
+
+        compiled = compile_pays(len(train) * len(augs))
+        ranking = rank_candidates(teacher, train, RankConfig(augs=augs, seed=args.seed), device, compiled)
+        ranking["split"] = "train"
+        if main:
+            write_json_atomic(rank_file, ranking)
+    if main:
+        order = ", ".join(c["name"] for c in sorted(ranking["candidates"], key=lambda c: c["rank"]))
+        print(f"daqkd sweep: ranking (best first): {order}", flush=True)
+
+    command = "daqkd " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    title = (f"{ranking.get('images', len(train)):,} train images, {args.method} W{args.w_bits}A{args.a_bits} "
+             f"student, KD {args.kd}, {args.epochs} epoch(s)")
+    seeds = [args.seed + i for i in range(args.seeds)]
+    results: list[dict[str, Any]] = []
+    total = len(names) * len(seeds)
+
+    def publish() -> None:
+        analysis = analyze(ranking, results, names)
+        meta = {"title": title, "runs_finished": len(results), "runs_total": total, "device": str(device),
+                "train_seconds": sum(r["train_seconds"] for r in results), "command": command}
+        write_json_atomic(out / "results.json", {"config": {k: v for k, v in vars(args).items() if k != "func"},
+                                                 "meta": meta, "ranking": ranking, "runs": results, **analysis})
+        (out / "report.md").write_text(report_markdown(analysis, meta))
+        if analysis["candidates"]:
+            scatter_plot(analysis, out / "scatter.png", title)
+
+    # best-ranked first: a partial sweep then already holds the metric's pick
+    ordered = sorted(names, key=lambda n: next(c["rank"] for c in ranking["candidates"] if c["name"] == n))
+    for seed in seeds:
+        for aug in ordered:
+            run = out / "runs" / run_name(aug, seed)
+            done = finished_run(run, args.epochs)
+            if done is None:
+                started = time.perf_counter()
+                run_args = copy.copy(args)
+                run_args.aug, run_args.seed, run_args.out = aug, seed, str(run)
+                run_args.resume = (run / "state.pt").is_file()
+                if main:
+                    print(f"-- {run_name(aug, seed)} ({len(results) + 1}/{total})"
+                          f"{' resuming' if run_args.resume else ''}", flush=True)
+                train_student(run_args, data)
+                done = finished_run(run, args.epochs)
+                if done is None:
+                    raise DaqkdError(f"{run} did not finish its {args.epochs} epochs")
+                done["wall_seconds"] = time.perf_counter() - started
+            results.append({"aug": aug, "seed": seed, "run": str(run.relative_to(out)), **done})
+            if main:
+                publish()
+    if main:
+        publish()
+        s = analyze(ranking, results, names)["summary"]
+        corr = s["metric_correlation"]
+        print(f"metric's pick {s['metric_pick']}: {s['metric_pick_top1']:.2f}%  variance pick "
+              f"{s['variance_pick']}: {s['variance_pick_top1']:.2f}%  best {s.get('best')}: {s.get('best_top1'):.2f}%")
+        if corr:
+            print(f"Spearman(score, top-1) {corr['spearman']:+.3f} (p={corr['spearman_p']:.3g})  "
+                  f"Kendall {corr['kendall']:+.3f} (p={corr['kendall_p']:.3g})")
+        print(f"wrote {out / 'results.json'}, {out / 'report.md'}, {out / 'scatter.png'}")
+    return 0

@@ -1,0 +1,85 @@
+"""daqkd sweep: the analysis on hand-made results, and the command end to end (resumable)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from scipy import stats
+
+from daqkd.cli import main
+from daqkd.sweep import analyze, correlation, report_markdown
+
+
+def fake_ranking(scores: dict[str, float], variances: dict[str, float]) -> dict:
+    names = sorted(scores, key=scores.get)
+    by_var = sorted(variances, key=variances.get)
+    return {"candidates": [
+        {"name": n, "rank": names.index(n) + 1, "variance_rank": by_var.index(n) + 1, "score": scores[n],
+         "variance": variances[n], "cmi": 0.1, "centroid_ce": scores[n] + 0.1, "accuracy": 0.9} for n in names]}
+
+
+def test_analysis_picks_and_correlations() -> None:
+    scores = {"none+cutmix": 0.5, "augmix+cutmix": 0.3, "randaugment+cutmix": 0.1, "trivialaugment+cutmix": 0.2}
+    variances = {"none+cutmix": 0.01, "augmix+cutmix": 0.02, "randaugment+cutmix": 0.04, "trivialaugment+cutmix": 0.03}
+    top1 = {"none+cutmix": 60.0, "augmix+cutmix": 62.0, "randaugment+cutmix": 65.0, "trivialaugment+cutmix": 64.0}
+    runs = [{"aug": n, "seed": s, "top1": a + s, "best_top1": a + s + 1} for n, a in top1.items() for s in (0, 1)]
+    result = analyze(fake_ranking(scores, variances), runs, list(scores))
+    s = result["summary"]
+    assert (s["metric_pick"], s["variance_pick"]) == ("randaugment+cutmix", "none+cutmix")
+    assert s["metric_pick_top1"] == pytest.approx(65.5)  # mean of seeds 0 and 1
+    assert (s["best"], s["worst"], s["none"]) == ("randaugment+cutmix", "none+cutmix", "none+cutmix")
+    # score ordering is exactly the accuracy ordering reversed; variance is exactly aligned with it
+    assert s["metric_correlation"]["spearman"] == pytest.approx(-1.0)
+    assert s["metric_correlation"]["kendall"] == pytest.approx(-1.0)
+    assert s["variance_correlation"]["spearman"] == pytest.approx(1.0)
+    rows = result["candidates"]
+    assert [r["name"] for r in rows] == ["randaugment+cutmix", "trivialaugment+cutmix", "augmix+cutmix", "none+cutmix"]
+    assert rows[0]["top1_std"] == pytest.approx(0.7071, abs=1e-4)
+    text = report_markdown(result, {"title": "t", "runs_finished": 8, "runs_total": 8, "train_seconds": 3600,
+                                    "device": "cpu", "command": "daqkd sweep"})
+    assert "| metric's pick | randaugment+cutmix | 65.50% |" in text
+
+
+def test_correlation_equals_scipy_and_needs_three_points() -> None:
+    x, y = [0.3, 0.1, 0.4, 0.2, 0.5], [61.0, 64.0, 60.5, 62.0, 63.0]
+    corr = correlation(x, y)
+    assert corr.spearman == pytest.approx(stats.spearmanr(x, y).statistic)
+    assert corr.kendall_p == pytest.approx(stats.kendalltau(x, y).pvalue)
+    assert correlation([0.1, 0.2], [1.0, 2.0]) is None
+
+
+def test_sweep_end_to_end_and_resumes(tmp_path: Path, tiny_folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = ["--data", str(tiny_folder), "--seed", "0"]
+    teacher = tmp_path / "teacher"
+    assert main(["teacher", *data, "--arch", "resnet20", "--epochs", "1", "--batch-size", "12",
+                 "--out", str(teacher), "--no-progress"]) == 0
+    sweep = tmp_path / "sweep"
+    args = ["sweep", *data, "--teacher", str(teacher), "--method", "ewgs", "--w-bits", "3", "--a-bits", "3",
+            "--kd", "kd", "--augs", "none+cutmix,randaugment+cutmix,augmix", "--epochs", "1",
+            "--batch-size", "12", "--out", str(sweep), "--no-progress"]
+    assert main(args) == 0
+    results = json.loads((sweep / "results.json").read_text())
+    assert len(results["runs"]) == 3 and {r["aug"] for r in results["runs"]} == {"none+cutmix", "randaugment+cutmix", "augmix"}
+    s = results["summary"]
+    assert s["metric_pick"] == next(c["name"] for c in results["ranking"]["candidates"] if c["rank"] == 1)
+    assert s["metric_correlation"]["n"] == 3
+    assert (sweep / "scatter.png").stat().st_size > 10_000
+    assert "## Picks" in (sweep / "report.md").read_text()
+    stamps = {p: p.stat().st_mtime_ns for p in (sweep / "runs").glob("*/model.safetensors")}
+    capsys.readouterr()
+
+    # a second seed: the finished runs are not repeated
+    assert main([*args, "--seeds", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("-- ") == 3 and "seed1" in printed and "none+cutmix-seed0" not in printed
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+    results = json.loads((sweep / "results.json").read_text())
+    assert len(results["runs"]) == 6
+    assert all(len(r["seeds"]) == 2 for r in results["candidates"])
+
+    # another candidate list cannot reuse the stored ranking
+    assert main([*args[:-7], "--augs", "none", "--epochs", "1", "--batch-size", "12", "--out", str(sweep),
+                 "--no-progress"]) == 2
+    assert "ranks other candidates" in capsys.readouterr().err
