@@ -152,14 +152,14 @@ def report_markdown(analysis: dict[str, Any], meta: dict[str, Any]) -> str:
     lines = [
         f"# daqkd sweep: {meta['title']}",
         "",
-        f"Finished {s['candidates_finished']} of {s['candidates_swept']} candidates "
-        f"({meta['runs_finished']} of {meta['runs_total']} runs), {meta['train_seconds'] / 3600:.2f} h of training "
-        f"on {meta['device']}. Command: `{meta['command']}`",
+        (f"Finished {s['candidates_finished']} of {s['candidates_swept']} candidates "
+         f"({meta['runs_finished']} of {meta['runs_total']} runs), {meta['train_seconds'] / 3600:.2f} h of training "
+         f"on {meta['device']}. Command: `{meta['command']}`"),
         "",
         "## Does the ranking predict the students' accuracy?",
         "",
-        "Both figures rank DAs lower-is-better, so a ranking that predicts accuracy correlates negatively with "
-        "top-1 (rho, tau near -1).",
+        ("Both figures rank DAs lower-is-better, so a ranking that predicts accuracy correlates negatively with "
+         "top-1 (rho, tau near -1)."),
         "",
         "| ranking | Spearman rho | p | Kendall tau | p |",
         "|---|---|---|---|---|",
@@ -187,6 +187,6 @@ def report_markdown(analysis: dict[str, Any], meta: dict[str, Any]) -> str:
             f"| {r['rank']} | {r['name']} | {r['score']:.4f} | {r['centroid_ce']:.4f} | {r['cmi']:.4f} | "
             f"{r['variance']:.5f} | {r['variance_rank']} | {100 * r['teacher_accuracy']:.2f}% | "
             f"{r['top1']:.2f}%{std} | {r['best_top1']:.2f}% | {len(r['seeds'])} |")
-    lines += ["", "Student top-1 is the test top-1 after the last epoch (mean over seeds), not the best epoch's, "
-              "so no test-set selection enters the comparison.", "", "![scatter](scatter.png)", ""]
+    lines += ["", ("Student top-1 is the test top-1 after the last epoch (mean over seeds), not the best epoch's, "
+                   "so no test-set selection enters the comparison."), "", "![scatter](scatter.png)", ""]
     return "\n".join(lines)
