@@ -79,6 +79,17 @@ def test_sweep_end_to_end_and_resumes(tmp_path: Path, tiny_folder: Path, capsys:
     assert len(results["runs"]) == 6
     assert all(len(r["seeds"]) == 2 for r in results["candidates"])
 
+    # a fresh checkout of a committed sweep: metrics only, one run cut off without its resume state
+    for path in (sweep / "runs").glob("*/*"):
+        if path.name not in ("metrics.jsonl", "config.json"):
+            path.unlink() if path.is_file() else None
+    cut = sweep / "runs" / "augmix-seed1" / "metrics.jsonl"
+    cut.write_text("")
+    assert main([*args, "--seeds", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("-- ") == 1 and "augmix-seed1" in printed
+    assert len(cut.read_text().splitlines()) == 1  # trained afresh, not appended to
+
     # another candidate list cannot reuse the stored ranking
     assert main([*args[:-7], "--augs", "none", "--epochs", "1", "--batch-size", "12", "--out", str(sweep),
                  "--no-progress"]) == 2

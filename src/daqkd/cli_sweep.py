@@ -12,6 +12,7 @@ import argparse
 import copy
 import json
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -24,7 +25,6 @@ from .errors import DaqkdError
 from .rank import RankConfig, rank_candidates
 from .runtime import init_distributed, is_main_process, select_device
 from .sweep import analyze, report_markdown, scatter_plot
-from .train import BEST_FILE
 
 
 def add_parser(subparsers: Any, add_data_args) -> None:
@@ -46,7 +46,7 @@ def run_name(aug: str, seed: int) -> str:
 def finished_run(run: Path, epochs: int) -> dict[str, Any] | None:
     """The results of a run that reached its last epoch, else None."""
     metrics_file = run / "metrics.jsonl"
-    if not (metrics_file.is_file() and (run / BEST_FILE).is_file()):
+    if not metrics_file.is_file():  # metrics, not weights: committed sweeps keep only the former
         return None
     history = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
     if not history or history[-1]["epoch"] < epochs:
@@ -115,6 +115,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                 run_args = copy.copy(args)
                 run_args.aug, run_args.seed, run_args.out = aug, seed, str(run)
                 run_args.resume = (run / "state.pt").is_file()
+                if not run_args.resume and run.exists():
+                    shutil.rmtree(run)  # a partial run without its resume state: start it afresh
                 if main:
                     print(f"-- {run_name(aug, seed)} ({len(results) + 1}/{total})"
                           f"{' resuming' if run_args.resume else ''}", flush=True)
