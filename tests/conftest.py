@@ -14,6 +14,16 @@ CIFAR10 = SHARED / "data" / "cifar10"
 RESNET20 = SHARED / "weights" / "cifar10" / "resnet20-12fca82f.th"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def eager_quantizer_kernels():
+    """Eager quantizer kernels: compiling them costs ~6 s each, which the tests need not pay
+    (test_quant checks the compiled ones against the eager ones)."""
+    from daqkd.quant import kernels
+
+    kernels.set_fused_kernels("0")
+    yield
+
+
 def make_image_folder(root: Path, classes: int = 3, per_class: int = 12, size: tuple[int, int] = (32, 32),
                       splits: tuple[str, ...] = ("train", "test"), seed: int = 0) -> Path:
     """Write ``root/{split}/class_k/img_i.png``: noise around a class-specific color."""

@@ -328,3 +328,35 @@ def test_ewgs_hessian_delta() -> None:
     assert float(layer.act_quantizer.delta) == pytest.approx(deltas["layer1.0.conv1.act_quantizer"])
     fixed = quantize_model(create_model("resnet20", 10), QuantConfig("ewgs", 2, 2, ewgs_delta=0.1))
     assert update_ewgs_delta(fixed, nn.functional.cross_entropy, [(x, y)]) == {}
+
+
+@pytest.mark.parametrize("delta", [None, 0.3])
+def test_compiled_kernels_equal_the_eager_ones(delta: float | None) -> None:
+    """The torch.compile'd kernels (per-tensor activations) give the eager functions' values and
+    gradients; the rest of the suite runs eager (conftest) to skip the compilation."""
+    from daqkd.quant import kernels
+    from daqkd.quant.functional import ClipQuantize
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(8, 16, 32, 32, generator=g)  # 131,072 elements: above kernels.MIN_ELEMENTS
+    upstream = torch.randn(x.shape, generator=g)
+    results = {}
+    for mode in ("0", "1"):
+        kernels.set_fused_kernels(mode)
+        try:
+            xi = x.clone().requires_grad_()
+            lower, upper = torch.tensor(-0.7, requires_grad=True), torch.tensor(1.1, requires_grad=True)
+            d = None if delta is None else torch.tensor(delta)
+            out = EWGSQuantize.apply(xi, lower, upper, 8, d)
+            xc = x.clone().requires_grad_()
+            alpha = torch.tensor(1.2, requires_grad=True)
+            clipped = ClipQuantize.apply(xc, -alpha, alpha, 4)
+            (out * upstream).sum().backward()
+            (clipped * upstream).sum().backward()
+            results[mode] = [out, xi.grad, lower.grad, upper.grad, clipped, xc.grad, alpha.grad]
+        finally:
+            kernels.set_fused_kernels("0")
+    for index in (0, 4):  # values: equal but for (rare) ties at a rounding boundary, 1 ulp apart
+        assert (results["1"][index] != results["0"][index]).float().mean().item() < 1e-4
+    for eager, fused in zip(results["0"][1:4] + results["0"][5:], results["1"][1:4] + results["1"][5:]):
+        torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-3)

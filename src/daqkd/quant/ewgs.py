@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from . import kernels
 from .base import QuantConfig, Quantizer, register_quantizer
 from .functional import mse_clip, pass_between
 
@@ -48,8 +49,14 @@ class EWGSQuantize(torch.autograd.Function):
                 delta: torch.Tensor | None) -> torch.Tensor:  # type: ignore[override]
         width = upper - lower
         top = levels - 1
-        scaled = (x - lower).div_(width / top)  # x_n (levels - 1): one pass less than x_n itself
-        q = scaled.clamp(0, top).round_().div_(top)
+        fused = kernels.run_fused(kernels.ewgs_forward, x, lower, width, top) if (
+            width.ndim == 0 and kernels.use_fused(x)) else None
+        if fused is not None:
+            q, scaled = fused
+        else:
+            scaled = (x - lower).div_(width / top)  # x_n (levels - 1): one pass less than x_n itself
+            q = scaled.clamp(0, top).round_().div_(top)
+        ctx.fused = fused is not None
         # q is kept anyway (the next op's input); scaled is the one extra tensor
         ctx.save_for_backward(scaled, width, q if delta is not None else None, delta)
         ctx.top, ctx.lower_shape, ctx.upper_shape = top, lower.shape, upper.shape
@@ -57,6 +64,18 @@ class EWGSQuantize(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        scaled, width, q, delta = ctx.saved_tensors
+        top = ctx.top
+        if ctx.fused and kernels.use_fused(scaled):
+            fused = kernels.run_fused(kernels.ewgs_backward, grad, scaled, q, width, delta, top)
+            if fused is not None:
+                grad_x, weighted, total = fused
+                return (grad_x, ((weighted - total) / width).reshape(ctx.lower_shape),
+                        (-weighted / width).reshape(ctx.upper_shape), None, None)
+        return EWGSQuantize._eager_backward(ctx, grad)
+
+    @staticmethod
+    def _eager_backward(ctx, grad: torch.Tensor):
         scaled, width, q, delta = ctx.saved_tensors
         top = ctx.top
         if delta is not None:  # element-wise gradient scaling; x_n - x_q wherever it counts

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from . import kernels
+
 
 class RoundSTE(torch.autograd.Function):
     """round(x) forward; identity backward (Bengio et al. 2013, the straight-through estimator)."""
@@ -133,14 +135,21 @@ class ClipQuantize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, low: torch.Tensor, high: torch.Tensor, levels: int) -> torch.Tensor:  # type: ignore[override]
-        step = (high - low) / (levels - 1)
-        y = x.clamp(low, high).sub_(low).div_(step).round_().mul_(step).add_(low)
+        fused = kernels.run_fused(kernels.clip_forward, x, low, high, levels) if kernels.use_fused(x) else None
+        if fused is None:
+            step = (high - low) / (levels - 1)
+            fused = x.clamp(low, high).sub_(low).div_(step).round_().mul_(step).add_(low)
         ctx.save_for_backward(x, low, high)
-        return y
+        return fused
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         x, low, high = ctx.saved_tensors
+        fused = kernels.run_fused(kernels.clip_backward, grad, x, low, high) if kernels.use_fused(x) else None
+        if fused is not None:
+            grad_x, below, above = fused
+            return (grad_x, below.reshape(low.shape) if ctx.needs_input_grad[1] else None,
+                    above.reshape(high.shape) if ctx.needs_input_grad[2] else None, None)
         grad_low = grad_high = None
         if ctx.needs_input_grad[2]:
             grad_high = sum_beyond(grad, x, high, above=True).reshape(high.shape)
