@@ -19,16 +19,8 @@ from .augment.base import SMALL_IMAGE_MAX
 from .checkpoint import load_classifier, write_json_atomic
 from .data import TORCHVISION_DATASETS, load_data
 from .errors import DaqkdError
-from .rank import RankConfig, rank_candidates
+from .rank import COMPILE_AUTO_MIN_IMAGES, RankConfig, compile_pays, rank_candidates
 from .runtime import init_distributed, is_main_process, select_device
-
-# torch.compile costs ~30 s on CPU; it pays off above this many teacher forwards.
-COMPILE_AUTO_MIN_IMAGES = 100_000
-
-
-def compile_pays(forwards: int) -> bool:
-    """Whether torch.compile of a teacher pays off over this many forwards."""
-    return forwards >= COMPILE_AUTO_MIN_IMAGES
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:

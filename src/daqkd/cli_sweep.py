@@ -22,7 +22,7 @@ from .augment import parse_candidates
 from .checkpoint import load_run_model, write_json_atomic
 from .cli_train import add_optim_args, add_student_args, load_train_test, train_student
 from .errors import DaqkdError
-from .rank import RankConfig, rank_candidates
+from .rank import rank_and_save
 from .runtime import init_distributed, is_main_process, select_device
 from .sweep import analyze, report_markdown, scatter_plot
 
@@ -76,13 +76,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             raise DaqkdError(f"{rank_file} ranks other candidates than --augs: use another --out, or delete it")
     else:
         teacher, _ = load_run_model(args.teacher, train.num_classes)
-        from .cli import compile_pays
-
-        compiled = compile_pays(len(train) * len(augs))
-        ranking = rank_candidates(teacher, train, RankConfig(augs=augs, seed=args.seed), device, compiled)
-        ranking["split"] = "train"
-        if main:
-            write_json_atomic(rank_file, ranking)
+        ranking = rank_and_save(teacher, train, augs, args.seed, device, rank_file, main)
     if main:
         order = ", ".join(c["name"] for c in sorted(ranking["candidates"], key=lambda c: c["rank"]))
         print(f"daqkd sweep: ranking (best first): {order}", flush=True)

@@ -25,7 +25,7 @@ from .distill import LOSSES, DistillConfig, create_loss
 from .errors import DaqkdError
 from .models import Normalization, NormalizedModel, create_model, parse_normalization
 from .quant import QUANTIZERS, QuantConfig, check_bits, quantize_model
-from .rank import RankConfig, rank_candidates
+from .rank import rank_and_save
 from .runtime import init_distributed, is_main_process, select_device
 from .train import BEST_FILE, TrainConfig, Trainer, evaluate
 
@@ -191,15 +191,8 @@ def train_student(args: argparse.Namespace, data: tuple[ImageSet, ImageSet] | No
         if rank_file.is_file():
             aug = json.loads(rank_file.read_text())["selected"]
         else:
-            from .cli import compile_pays
-
-            candidates = parse_candidates(args.augs)
-            compiled = compile_pays(len(train) * len(candidates))
-            report = rank_candidates(teacher, train, RankConfig(augs=candidates, seed=args.seed), device, compiled)
-            report["split"] = "train"
-            if is_main_process():
-                write_json_atomic(rank_file, report)
-            aug = report["selected"]
+            aug = rank_and_save(teacher, train, parse_candidates(args.augs), args.seed, device, rank_file,
+                                is_main_process())["selected"]
         if is_main_process():
             print(f"--aug auto: the metric selected {aug} (ranking in {rank_file})", flush=True)
     parse_candidates(aug)

@@ -13,6 +13,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .augment import Candidate
+from .checkpoint import write_json_atomic
 from .data import ImageSet
 from .metric import DAStatistics, score
 from .runtime import mix_seed
@@ -41,6 +43,27 @@ class RankConfig:
     score: str = "paper"  # "paper": centroid_ce - w * cmi; "sample": ce - w * cmi
     variance_group: int = 1000
     variance_paired: bool = False
+
+
+# torch.compile costs ~30 s on CPU; it pays off above this many teacher forwards.
+COMPILE_AUTO_MIN_IMAGES = 100_000
+
+
+def compile_pays(forwards: int) -> bool:
+    """Whether torch.compile of a teacher pays off over this many forwards."""
+    return forwards >= COMPILE_AUTO_MIN_IMAGES
+
+
+def rank_and_save(teacher: nn.Module, data: ImageSet, augs: list[str], seed: int, device: torch.device,
+                  path: str | Path, save: bool = True) -> dict[str, Any]:
+    """Rank ``augs`` on the training split with default settings (what `train --aug auto` and
+    `sweep` run) and write the report to ``path`` (when ``save``: the main process)."""
+    report = rank_candidates(teacher, data, RankConfig(augs=augs, seed=seed), device,
+                             compile_pays(len(data) * len(augs)))
+    report["split"] = "train"
+    if save:
+        write_json_atomic(path, report)
+    return report
 
 
 def effective_group_size(requested: int, images: int) -> int:
