@@ -360,3 +360,30 @@ def test_compiled_kernels_equal_the_eager_ones(delta: float | None) -> None:
         assert (results["1"][index] != results["0"][index]).float().mean().item() < 1e-4
     for eager, fused in zip(results["0"][1:4] + results["0"][5:], results["1"][1:4] + results["1"][5:]):
         torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("method", ["ewgs", "lsq", "pact", "dorefa"])
+def test_quantizers_compute_in_float32_under_autocast(method: str) -> None:
+    """bf16 inputs (autocast on CUDA) are quantized in float32: computing (x - l) / s in bf16 moved
+    half of a W3A3 ResNet-20's activations across a level boundary (benchmarks/gpu_check.py)."""
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(4, 8, 16, 16, generator=g) * 2).relu().bfloat16()
+    q = initialized(make_quantizer(QuantConfig(method=method), 3, False, None), x.float())
+    reference = q(x.float())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = q(x)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, reference)
+
+
+def test_quantizer_flags_follow_the_state_dict() -> None:
+    """initialized / signed are read from the buffers once (a GPU sync each), and again after a load."""
+    x = torch.randn(2, 4, 8, 8)
+    source = initialized(make_quantizer(QuantConfig(method="lsq"), 2, False, None), x)
+    target = make_quantizer(QuantConfig(method="lsq"), 2, False, None)
+    assert not target.is_initialized and not target.is_signed
+    target.load_state_dict(source.state_dict())
+    assert target.is_initialized and target.is_signed
+    step = target.step.detach().clone()
+    target(x.abs() * 100)  # no re-initialization from this very different tensor
+    assert torch.equal(target.step.detach(), step)

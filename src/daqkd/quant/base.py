@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -77,15 +78,41 @@ class Quantizer(nn.Module):
         self.channels = channels  # per-output-channel parameters when set (weights only)
         self.register_buffer("initialized", torch.tensor(False))
         self.register_buffer("signed", torch.tensor(is_weight))
+        self._flags: tuple[bool, bool] | None = None  # host copies of (initialized, signed)
+
+    @property
+    def is_initialized(self) -> bool:
+        return self._host_flags()[0]
+
+    @property
+    def is_signed(self) -> bool:
+        return self._host_flags()[1]
+
+    def _host_flags(self) -> tuple[bool, bool]:
+        # reading a CUDA buffer waits for the GPU: read the pair once, not twice per layer and step
+        if self._flags is None:
+            self._flags = (bool(self.initialized), bool(self.signed))
+        return self._flags
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._flags = None
+        super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not bool(self.initialized):
+        if x.dtype in (torch.float16, torch.bfloat16):
+            # under autocast: at 2-8 bits, rounding (x - l) / s in 16-bit floats moves values
+            # across level boundaries (half the activations of a W3A3 ResNet-20 in bf16)
+            x = x.float()
+        if not self.is_initialized:
             with torch.no_grad():
                 if not self.is_weight:
                     self.signed.fill_(bool((x < 0).any()))
+                self._flags = (False, bool(self.signed))
                 self.initialize(x.detach())
             self.initialized.fill_(True)
-        return self.quantize(x)
+            self._flags = (True, bool(self.signed))
+        with torch.autocast(x.device.type, enabled=False):
+            return self.quantize(x)
 
     def initialize(self, x: torch.Tensor) -> None:
         """Set data-dependent parameters from the first tensor (no grad)."""
@@ -152,7 +179,7 @@ class QuantLayerMixin:
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not bool(self.weight_quantizer.initialized) and hasattr(self.weight_quantizer, "calibrate_output"):
+        if not self.weight_quantizer.is_initialized and hasattr(self.weight_quantizer, "calibrate_output"):
             with torch.no_grad():
                 # the scale multiplies the weights, so it is fitted on the outputs without the bias
                 quant_out = self._op(self.act_quantizer(x), self.weight_quantizer(self.weight), None)

@@ -37,7 +37,7 @@ class DoReFaQuantizer(Quantizer):
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         if not self.is_weight:
-            return quantize_activation_range(x, self.bits, bool(self.signed))
+            return quantize_activation_range(x, self.bits, self.is_signed)
         dims = self.reduce_dims(x)
         if self.bits == 1:
             return binary_weight(x, dims)
@@ -60,7 +60,7 @@ class UniformSTEQuantizer(Quantizer):
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         if not self.is_weight:
-            return quantize_activation_range(x, self.bits, bool(self.signed), self.act_range)
+            return quantize_activation_range(x, self.bits, self.is_signed, self.act_range)
         dims = self.reduce_dims(x)
         if self.bits == 1:
             return binary_weight(x, dims)

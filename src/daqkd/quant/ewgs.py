@@ -118,7 +118,7 @@ class EWGSQuantizer(Quantizer):
         dims = self.reduce_dims(x)
         std = x.std(dim=dims, keepdim=True) if self.channels else x.std()
         if self.init == "mse":
-            signed = self.is_weight or bool(self.signed)
+            signed = self.is_weight or self.is_signed
             upper = mse_clip(x, self.bits, signed, dims if self.channels else None)
             lower = -upper if signed else x.min()
         elif self.is_weight:
@@ -140,7 +140,7 @@ class EWGSQuantizer(Quantizer):
             self.capture.append(q)
         if self.is_weight:
             return (2 * q - 1) * self.output_scale.abs()
-        if bool(self.signed):
+        if self.is_signed:
             return lower + (upper - lower) * q
         return q
 

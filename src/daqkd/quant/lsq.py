@@ -62,12 +62,12 @@ class LSQQuantizer(Quantizer):
 
     def bounds(self) -> tuple[int, int]:
         """(Q_N, Q_P) for the current signedness."""
-        if bool(self.signed):
+        if self.is_signed:
             return 1 << (self.bits - 1), (1 << (self.bits - 1)) - 1
         return 0, (1 << self.bits) - 1
 
     def _binary(self) -> bool:
-        return bool(self.signed) and self.bits == 1
+        return self.is_signed and self.bits == 1
 
     def initialize(self, x: torch.Tensor) -> None:
         q_p = 1 if self._binary() else self.bounds()[1]

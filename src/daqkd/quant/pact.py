@@ -29,7 +29,7 @@ class PACTActivationQuantizer(Quantizer):
         self.alpha = nn.Parameter(torch.tensor(float(alpha)))
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        low = -self.alpha if bool(self.signed) else self.alpha.new_zeros(())
+        low = -self.alpha if self.is_signed else self.alpha.new_zeros(())
         return clip_quantize(x, low, self.alpha, self.bits)
 
 
