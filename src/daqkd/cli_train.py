@@ -41,6 +41,8 @@ def add_optim_args(parser: argparse.ArgumentParser, *, lr: float, optimizer: str
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--weight-decay", type=float, default=1e-4)
     g.add_argument("--warmup-epochs", type=float, default=0.0)
+    g.add_argument("--no-amp", action="store_true",
+                   help="train in float32 on CUDA (default: bf16 autocast; quantizers and evaluation are float32)")
     g.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps")
     g.add_argument("--out", required=True, metavar="RUN", help="run directory")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -113,6 +115,7 @@ def train_config(args: argparse.Namespace, aug: str) -> TrainConfig:
         epochs=args.epochs, batch_size=args.batch_size, aug=aug, optimizer=args.optimizer, lr=args.lr,
         momentum=args.momentum, weight_decay=args.weight_decay, quant_lr=getattr(args, "quant_lr", 1e-5),
         warmup_epochs=args.warmup_epochs, seed=args.seed, save_every=args.save_every,
+        amp=not getattr(args, "no_amp", False),
     )
 
 

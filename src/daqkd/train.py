@@ -54,6 +54,7 @@ class TrainConfig:
     save_every: int = 0  # also checkpoint every N steps (0: at epoch ends only)
     eval_batch_size: int = 500
     ewgs_delta_every: int = 10  # epochs between Hessian updates of EWGS's delta (when enabled)
+    amp: bool = True  # bf16 autocast for training steps on CUDA (evaluation is always float32)
 
 
 def cosine_with_warmup(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
@@ -109,8 +110,8 @@ def evaluate(model: nn.Module, data: ImageSet, device: torch.device, batch_size:
             images = images.to(device)
         x = view.base_view(images, torch.Generator())
         labels = data.labels[idx].to(device)
-        with autocast(device):
-            logits = model(x.contiguous(memory_format=torch.channels_last)).float()
+        # float32, whatever training used: the figure reported is the model's, not its bf16 twin's
+        logits = model(x.contiguous(memory_format=torch.channels_last)).float()
         loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
         top = logits.topk(min(5, data.num_classes), dim=1).indices
         hit1 = (top[:, 0] == labels)
@@ -129,9 +130,10 @@ def evaluate(model: nn.Module, data: ImageSet, device: torch.device, batch_size:
     }
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA, nothing on CPU (bf16 is slow on CPUs without AMX/AVX512-BF16)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+def autocast(device: torch.device, enabled: bool = True):
+    """bf16 autocast on CUDA when ``enabled``, nothing on CPU (bf16 is slow on CPUs without
+    AMX/AVX512-BF16). The quantizers compute in float32 inside it (quant.base.Quantizer)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
 
 
 @dataclass
@@ -323,7 +325,7 @@ class Trainer:
         return record
 
     def _step(self, x: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-        with autocast(self.device):
+        with autocast(self.device, self.config.amp):
             teacher_logits = None
             if self.teacher is not None and self.loss.needs_teacher:
                 with torch.no_grad():
