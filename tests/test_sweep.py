@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
+import torch
 from scipy import stats
 
 from daqkd.cli import main
@@ -94,3 +96,28 @@ def test_sweep_end_to_end_and_resumes(tmp_path: Path, tiny_folder: Path, capsys:
     assert main([*args[:-7], "--augs", "none", "--epochs", "1", "--batch-size", "12", "--out", str(sweep),
                  "--no-progress"]) == 2
     assert "ranks other candidates" in capsys.readouterr().err
+
+
+def test_sweep_jobs_trains_in_parallel_processes_with_the_same_results(tmp_path: Path, tiny_folder: Path) -> None:
+    data = ["--data", str(tiny_folder), "--seed", "0"]
+    teacher = tmp_path / "teacher"
+    assert main(["teacher", *data, "--arch", "resnet20", "--epochs", "1", "--batch-size", "12",
+                 "--out", str(teacher), "--no-progress"]) == 0
+    common = ["sweep", *data, "--teacher", str(teacher), "--w-bits", "3", "--a-bits", "3", "--augs", "none,augmix",
+              "--epochs", "2", "--batch-size", "12", "--no-progress"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))  # what each of 2 workers gets: same sums
+    try:
+        assert main([*common, "--out", str(tmp_path / "serial")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert main([*common, "--jobs", "2", "--out", str(tmp_path / "parallel")]) == 0
+    serial, parallel = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("serial", "parallel"))
+    by_aug = {r["aug"]: r for r in parallel["runs"]}
+    for run in serial["runs"]:
+        assert by_aug[run["aug"]]["top1"] == run["top1"]
+        history = [json.loads(line) for line in (tmp_path / "parallel" / run["run"] / "metrics.jsonl").open()]
+        reference = [json.loads(line) for line in (tmp_path / "serial" / run["run"] / "metrics.jsonl").open()]
+        assert [h["train_loss"] for h in history] == [h["train_loss"] for h in reference]
+        assert "epoch 2/2" in (tmp_path / "parallel" / run["run"] / "train.log").read_text()
+    assert main([*common, "--jobs", "0", "--out", str(tmp_path / "zero")]) == 2

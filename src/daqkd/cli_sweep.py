@@ -9,18 +9,25 @@ rewritten after every run, so a partial sweep always has a current report.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
+import os
 import shlex
 import shutil
 import sys
 import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from .augment import parse_candidates
 from .checkpoint import load_run_model, write_json_atomic
 from .cli_train import add_optim_args, add_student_args, load_train_test, train_student
+from .data import ImageSet
 from .errors import DaqkdError
 from .rank import rank_and_save
 from .runtime import init_distributed, is_main_process, select_device
@@ -36,6 +43,9 @@ def add_parser(subparsers: Any, add_data_args) -> None:
     add_student_args(p)
     add_optim_args(p, lr=1e-3, optimizer="adam", aug=None)
     p.add_argument("--seeds", type=int, default=1, help="students per DA, seeds --seed .. --seed+S-1")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="students trained at once, each in its own process logging to RUN/train.log "
+                        "(a small student leaves a large GPU mostly idle)")
     p.set_defaults(func=cmd_sweep)
 
 
@@ -56,9 +66,53 @@ def finished_run(run: Path, epochs: int) -> dict[str, Any] | None:
             "train_seconds": sum(h["seconds"] for h in history), "epochs": history[-1]["epoch"]}
 
 
+def train_in_process(run_args: argparse.Namespace, data: tuple[ImageSet, ImageSet], threads: int) -> float:
+    """One student in a worker process, its output in RUN/train.log; returns its wall seconds."""
+    torch.set_num_threads(threads)
+    started = time.perf_counter()
+    run = Path(run_args.out)
+    run.mkdir(parents=True, exist_ok=True)
+    run_args.no_progress = True
+    with open(run / "train.log", "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        train_student(run_args, data)
+    return time.perf_counter() - started
+
+
+def run_in_processes(pending: list[argparse.Namespace], data: tuple[ImageSet, ImageSet], jobs: int,
+                     record: Callable[[argparse.Namespace, float], None]) -> None:
+    """Train ``pending`` students, ``jobs`` at a time, each in a spawned process (CUDA-safe); the
+    images reach the workers through shared memory, not a reload per student."""
+    import torch.multiprocessing as mp
+
+    for split in data:
+        if isinstance(split.images, torch.Tensor):
+            split.images.share_memory_()
+        split.labels.share_memory_()
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    print(f"daqkd sweep: training {len(pending)} students, {jobs} at a time, {threads} CPU thread(s) each; "
+          "logs in RUN/train.log", flush=True)
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(train_in_process, run_args, data, threads): run_args for run_args in pending}
+        for future in as_completed(futures):
+            run_args = futures[future]
+            try:
+                wall_seconds = future.result()
+            except Exception as exc:
+                for other in futures:
+                    other.cancel()
+                log = Path(run_args.out) / "train.log"
+                raise DaqkdError(f"{Path(run_args.out).name} failed ({type(exc).__name__}: {exc}); "
+                                 f"see {log}") from exc
+            record(run_args, wall_seconds)
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise DaqkdError(f"--seeds must be at least 1, got {args.seeds}")
+    if args.jobs < 1:
+        raise DaqkdError(f"--jobs must be at least 1, got {args.jobs}")
+    if args.jobs > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise DaqkdError("--jobs trains students side by side on one machine: use it without torchrun")
     augs = parse_candidates(args.augs)
     names = list(augs)
     init_distributed()
@@ -100,28 +154,43 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     # best-ranked first: a partial sweep then already holds the metric's pick
     ordered = sorted(names, key=lambda n: next(c["rank"] for c in ranking["candidates"] if c["name"] == n))
+    pending: list[argparse.Namespace] = []
     for seed in seeds:
         for aug in ordered:
             run = out / "runs" / run_name(aug, seed)
             done = finished_run(run, args.epochs)
-            if done is None:
-                started = time.perf_counter()
-                run_args = copy.copy(args)
-                run_args.aug, run_args.seed, run_args.out = aug, seed, str(run)
-                run_args.resume = (run / "state.pt").is_file()
-                if not run_args.resume and run.exists():
-                    shutil.rmtree(run)  # a partial run without its resume state: start it afresh
-                if main:
-                    print(f"-- {run_name(aug, seed)} ({len(results) + 1}/{total})"
-                          f"{' resuming' if run_args.resume else ''}", flush=True)
-                train_student(run_args, data)
-                done = finished_run(run, args.epochs)
-                if done is None:
-                    raise DaqkdError(f"{run} did not finish its {args.epochs} epochs")
-                done["wall_seconds"] = time.perf_counter() - started
-            results.append({"aug": aug, "seed": seed, "run": str(run.relative_to(out)), **done})
-            if main:
-                publish()
+            if done is not None:
+                results.append({"aug": aug, "seed": seed, "run": str(run.relative_to(out)), **done})
+                continue
+            run_args = copy.copy(args)
+            run_args.aug, run_args.seed, run_args.out = aug, seed, str(run)
+            run_args.resume = (run / "state.pt").is_file()
+            if not run_args.resume and run.exists():
+                shutil.rmtree(run)  # a partial run without its resume state: start it afresh
+            pending.append(run_args)
+    if main and results:
+        publish()
+
+    def record(run_args: argparse.Namespace, wall_seconds: float) -> None:
+        run = Path(run_args.out)
+        done = finished_run(run, args.epochs)
+        if done is None:
+            raise DaqkdError(f"{run} did not finish its {args.epochs} epochs")
+        results.append({"aug": run_args.aug, "seed": run_args.seed, "run": str(run.relative_to(out)), **done,
+                        "wall_seconds": wall_seconds})
+        if main:
+            print(f"{run.name} finished: top-1 {done['top1']:.2f}% ({len(results)}/{total})", flush=True)
+            publish()
+
+    if args.jobs > 1 and pending:
+        run_in_processes(pending, data, args.jobs, record)
+    for run_args in pending if args.jobs == 1 else []:
+        if main:
+            print(f"-- {Path(run_args.out).name} ({len(results) + 1}/{total})"
+                  f"{' resuming' if run_args.resume else ''}", flush=True)
+        started = time.perf_counter()
+        train_student(run_args, data)
+        record(run_args, time.perf_counter() - started)
     if main:
         publish()
         s = analyze(ranking, results, names)["summary"]
