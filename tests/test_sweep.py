@@ -121,3 +121,15 @@ def test_sweep_jobs_trains_in_parallel_processes_with_the_same_results(tmp_path:
         assert [h["train_loss"] for h in history] == [h["train_loss"] for h in reference]
         assert "epoch 2/2" in (tmp_path / "parallel" / run["run"] / "train.log").read_text()
     assert main([*common, "--jobs", "0", "--out", str(tmp_path / "zero")]) == 2
+
+
+def test_sweep_jobs_names_the_failed_run(tmp_path: Path, tiny_folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = ["--data", str(tiny_folder), "--seed", "0"]
+    teacher = tmp_path / "teacher"
+    assert main(["teacher", *data, "--arch", "resnet20", "--epochs", "1", "--batch-size", "12",
+                 "--out", str(teacher), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["sweep", *data, "--teacher", str(teacher), "--augs", "none,augmix", "--epochs", "1",
+                 "--batch-size", "12", "--lr", "1e30", "--jobs", "2", "--out", str(tmp_path / "sweep")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "-seed0 failed (DaqkdError: the loss became" in err and "train.log" in err

@@ -15,10 +15,11 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import sys
 import time
+import traceback
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -66,22 +67,36 @@ def finished_run(run: Path, epochs: int) -> dict[str, Any] | None:
             "train_seconds": sum(h["seconds"] for h in history), "epochs": history[-1]["epoch"]}
 
 
-def train_in_process(run_args: argparse.Namespace, data: tuple[ImageSet, ImageSet], threads: int) -> float:
-    """One student in a worker process, its output in RUN/train.log; returns its wall seconds."""
+def train_in_process(task: tuple[int, argparse.Namespace, tuple[ImageSet, ImageSet], int]) -> tuple[int, float, str]:
+    """Train one student in a worker process, its output in RUN/train.log.
+
+    task: (index, run arguments, data, CPU threads); returns (index, wall seconds, error or "").
+    """
+    index, run_args, data, threads = task
     torch.set_num_threads(threads)
     started = time.perf_counter()
     run = Path(run_args.out)
     run.mkdir(parents=True, exist_ok=True)
     run_args.no_progress = True
     with open(run / "train.log", "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        train_student(run_args, data)
-    return time.perf_counter() - started
+        try:
+            train_student(run_args, data)
+        except Exception as exc:  # noqa: BLE001  (any failure is reported by the parent, named after its run)
+            traceback.print_exc()
+            return index, time.perf_counter() - started, f"{type(exc).__name__}: {exc}"
+    return index, time.perf_counter() - started, ""
+
+
+def ignore_interrupts() -> None:
+    """Workers leave Ctrl-C to the parent, which stops them all (no traceback per worker)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def run_in_processes(pending: list[argparse.Namespace], data: tuple[ImageSet, ImageSet], jobs: int,
                      record: Callable[[argparse.Namespace, float], None]) -> None:
-    """Train ``pending`` students, ``jobs`` at a time, each in a spawned process (CUDA-safe); the
-    images reach the workers through shared memory, not a reload per student."""
+    """Train ``pending`` students, ``jobs`` at a time, each in a fresh spawned process (CUDA-safe);
+    the images reach the workers through shared memory, not a reload per student. On an error or
+    Ctrl-C every worker stops; the finished runs and the others' last checkpoints stay."""
     import torch.multiprocessing as mp
 
     for split in data:
@@ -91,19 +106,27 @@ def run_in_processes(pending: list[argparse.Namespace], data: tuple[ImageSet, Im
     threads = max(1, (os.cpu_count() or 1) // jobs)
     print(f"daqkd sweep: training {len(pending)} students, {jobs} at a time, {threads} CPU thread(s) each; "
           "logs in RUN/train.log", flush=True)
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
-        futures = {pool.submit(train_in_process, run_args, data, threads): run_args for run_args in pending}
-        for future in as_completed(futures):
-            run_args = futures[future]
-            try:
-                wall_seconds = future.result()
-            except Exception as exc:
-                for other in futures:
-                    other.cancel()
-                log = Path(run_args.out) / "train.log"
-                raise DaqkdError(f"{Path(run_args.out).name} failed ({type(exc).__name__}: {exc}); "
-                                 f"see {log}") from exc
-            record(run_args, wall_seconds)
+    pool = mp.get_context("spawn").Pool(jobs, initializer=ignore_interrupts, maxtasksperchild=1)
+    interrupted = False
+    try:
+        tasks = [(i, run_args, data, threads) for i, run_args in enumerate(pending)]
+        for index, wall_seconds, error in pool.imap_unordered(train_in_process, tasks):
+            run = Path(pending[index].out)
+            if error:
+                raise DaqkdError(f"{run.name} failed ({error}); see {run / 'train.log'}")
+            record(pending[index], wall_seconds)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut this short
+        try:
+            pool.terminate()
+            pool.join()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+    if interrupted:
+        raise DaqkdError("interrupted: finished students are kept and the others resume from their last "
+                         "epoch; run the same command again")
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
