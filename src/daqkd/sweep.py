@@ -94,6 +94,31 @@ def analyze(ranking: dict[str, Any], runs: list[dict[str, Any]], candidates: lis
     return {"candidates": rows, "summary": summary}
 
 
+def place_labels(fig: Any, ax: Any, points: list[tuple[str, float, float]]) -> None:
+    """Annotate each (label, x, y) inside the axes, moving a label below or further up where it
+    would overlap one already placed (DAs often tie in accuracy)."""
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    placed: list[Any] = []
+    for label, x, y in sorted(points, key=lambda p: p[1]):
+        choice = None
+        for dy in (4, -11, 15, -22, 26):
+            for dx, align in ((5, "left"), (-5, "right")):  # right of the point, else left of it
+                text = ax.annotate(label, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=8, ha=align)
+                box = text.get_window_extent(renderer)
+                inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+                if inside and not any(box.overlaps(other) for other in placed):
+                    choice = (text, box)
+                    break
+                text.remove()
+            if choice:
+                break
+        if choice is None:  # crowded: the default place
+            text = ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+            choice = (text, text.get_window_extent(renderer))
+        placed.append(choice[1])
+
+
 def scatter_plot(analysis: dict[str, Any], path: str | Path, title: str) -> None:
     """The paper's Figure 1: student top-1 against the metric's score, one labelled point per DA,
     with horizontal lines at the accuracy of the metric's pick and of the variance baseline's pick."""
@@ -109,8 +134,6 @@ def scatter_plot(analysis: dict[str, Any], path: str | Path, title: str) -> None
     ys = [r["top1"] for r in rows]
     errors = [r["top1_std"] or 0.0 for r in rows]
     ax.errorbar(xs, ys, yerr=errors if any(errors) else None, fmt="o", color="tab:blue", capsize=3, zorder=3)
-    for r in rows:
-        ax.annotate(r["name"], (r["score"], r["top1"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
     if summary.get("metric_pick_top1") is not None:
         ax.axhline(summary["metric_pick_top1"], color="tab:green", linestyle="--",
                    label=f"metric's pick: {summary['metric_pick']} ({summary['metric_pick_top1']:.2f}%)")
@@ -129,6 +152,8 @@ def scatter_plot(analysis: dict[str, Any], path: str | Path, title: str) -> None
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
+    ax.autoscale_view()  # final limits and layout first: the overlap test works in pixels
+    place_labels(fig, ax, [(r["name"], r["score"], r["top1"]) for r in rows])
     tmp = Path(str(path) + ".tmp.png")
     fig.savefig(tmp)
     plt.close(fig)
