@@ -78,7 +78,7 @@ def test_random_crop_flip_is_a_padded_crop() -> None:
     seen = set()
     for o in out:
         matches = [(t, l, f) for t in range(9) for l in range(9) for f in (False, True)
-                   if torch.equal(o, (lambda c: c.flip(-1) if f else c)(padded[:, t:t + 32, l:l + 32]))]
+                   if torch.equal(o, padded[:, t:t + 32, l:l + 32].flip(-1) if f else padded[:, t:t + 32, l:l + 32])]
         assert matches, "output is not a crop of the zero-padded image"
         seen.add(matches[0])
     assert len(seen) > 60  # 162 possible (offset, flip) pairs, spread over 200 draws

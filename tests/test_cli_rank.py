@@ -131,7 +131,7 @@ def test_console_script_errors_without_traceback(tmp_path: Path, shared_resnet20
     ]
     for extra, message in cases:
         proc = subprocess.run([sys.executable, "-m", "daqkd.cli", "rank", "--weights", str(shared_resnet20), *extra],
-                              capture_output=True, text=True, env=env, timeout=120)
+                              capture_output=True, text=True, env=env, timeout=120, check=False)
         assert proc.returncode == 2
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], proc.stderr

@@ -46,17 +46,17 @@ def random_resized_crop_box(
     for _ in range(10):
         target = area * float(torch.empty(1).uniform_(scale[0], scale[1], generator=generator))
         aspect = math.exp(float(torch.empty(1).uniform_(*log_ratio, generator=generator)))
-        w = int(round(math.sqrt(target * aspect)))
-        h = int(round(math.sqrt(target / aspect)))
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
         if 0 < w <= width and 0 < h <= height:
             top = int(torch.randint(0, height - h + 1, (1,), generator=generator))
             left = int(torch.randint(0, width - w + 1, (1,), generator=generator))
             return top, left, h, w
     in_ratio = width / height
     if in_ratio < ratio[0]:
-        w, h = width, int(round(width / ratio[0]))
+        w, h = width, round(width / ratio[0])
     elif in_ratio > ratio[1]:
-        h, w = height, int(round(height * ratio[1]))
+        h, w = height, round(height * ratio[1])
     else:
         w, h = width, height
     return (height - h) // 2, (width - w) // 2, h, w
@@ -79,7 +79,7 @@ def random_resized_crop_flip(
 
 def center_view(images: Sequence[torch.Tensor], crop_size: int) -> torch.Tensor:
     """The standard evaluation view: Resize(crop_size * 8/7) + CenterCrop(crop_size)."""
-    resize = int(round(crop_size * 8 / 7))
+    resize = round(crop_size * 8 / 7)
     return torch.stack(
         [TF.center_crop(TF.resize(im, [resize], antialias=True), [crop_size, crop_size]) for im in images]
     )

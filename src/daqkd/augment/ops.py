@@ -166,7 +166,7 @@ def sharpness(images: torch.Tensor, magnitude: torch.Tensor, interpolation: str)
 
     Border pixels stay as they are, as in PIL and torchvision.
     """
-    n, c, h, w = images.shape
+    _n, c, h, w = images.shape
     if h <= 2 or w <= 2:
         return images.clone()
     a, b = 1.0 / 13.0, 5.0 / 13.0
