@@ -106,7 +106,8 @@ def test_sweep_jobs_trains_in_parallel_processes_with_the_same_results(tmp_path:
     common = ["sweep", *data, "--teacher", str(teacher), "--w-bits", "3", "--a-bits", "3", "--augs", "none,augmix",
               "--epochs", "2", "--batch-size", "12", "--no-progress"]
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))  # what each of 2 workers gets: same sums
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, cores // 2))  # what each of 2 workers gets: the same float sums
     try:
         assert main([*common, "--out", str(tmp_path / "serial")]) == 0
     finally:

@@ -103,7 +103,9 @@ def run_in_processes(pending: list[argparse.Namespace], data: tuple[ImageSet, Im
         if isinstance(split.images, torch.Tensor):
             split.images.share_memory_()
         split.labels.share_memory_()
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    jobs = min(jobs, len(pending))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cores // jobs)
     print(f"daqkd sweep: training {len(pending)} students, {jobs} at a time, {threads} CPU thread(s) each; "
           "logs in RUN/train.log", flush=True)
     pool = mp.get_context("spawn").Pool(jobs, initializer=ignore_interrupts, maxtasksperchild=1)
