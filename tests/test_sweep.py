@@ -134,3 +134,29 @@ def test_sweep_jobs_names_the_failed_run(tmp_path: Path, tiny_folder: Path, caps
                  "--batch-size", "12", "--lr", "1e30", "--jobs", "2", "--out", str(tmp_path / "sweep")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "-seed0 failed (DaqkdError: the loss became" in err and "train.log" in err
+
+
+def test_scatter_labels_do_not_overlap_and_stay_inside() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from daqkd.sweep import place_labels
+
+    # two ties in accuracy close in score, and a point at the right edge (the H200 sweep's case)
+    points = [("randomerasing+cutmix", 0.41, 85.34), ("randaugment+cutmix", 0.46, 85.34),
+              ("autoaugment-cifar10+cutmix", 0.49, 85.24), ("autoaugment-svhn+cutmix", 0.66, 85.15),
+              ("none+cutmix", 0.25, 85.55)]
+    fig, ax = plt.subplots(figsize=(7.5, 5.0), dpi=130)
+    ax.plot([p[1] for p in points], [p[2] for p in points], "o")
+    fig.tight_layout()
+    ax.autoscale_view()
+    place_labels(fig, ax, points)
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in ax.texts]
+    frame = ax.get_window_extent(renderer)
+    plt.close(fig)
+    assert sorted(t.get_text() for t in ax.texts) == sorted(p[0] for p in points)
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    assert all(frame.x0 <= b.x0 and b.x1 <= frame.x1 for b in boxes)
