@@ -52,11 +52,17 @@ def test_correlation_equals_scipy_and_needs_three_points() -> None:
     assert correlation([0.1, 0.2], [1.0, 2.0]) is None
 
 
-def test_sweep_end_to_end_and_resumes(tmp_path: Path, tiny_folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    data = ["--data", str(tiny_folder), "--seed", "0"]
+def train_tiny_teacher(tmp_path: Path, folder: Path) -> tuple[list[str], Path]:
+    """(the data options, the run directory) of a 1-epoch ResNet-20 teacher on ``folder``."""
+    data = ["--data", str(folder), "--seed", "0"]
     teacher = tmp_path / "teacher"
     assert main(["teacher", *data, "--arch", "resnet20", "--epochs", "1", "--batch-size", "12",
                  "--out", str(teacher), "--no-progress"]) == 0
+    return data, teacher
+
+
+def test_sweep_end_to_end_and_resumes(tmp_path: Path, tiny_folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data, teacher = train_tiny_teacher(tmp_path, tiny_folder)
     sweep = tmp_path / "sweep"
     args = ["sweep", *data, "--teacher", str(teacher), "--method", "ewgs", "--w-bits", "3", "--a-bits", "3",
             "--kd", "kd", "--augs", "none+cutmix,randaugment+cutmix,augmix", "--epochs", "1",
@@ -99,10 +105,7 @@ def test_sweep_end_to_end_and_resumes(tmp_path: Path, tiny_folder: Path, capsys:
 
 
 def test_sweep_jobs_trains_in_parallel_processes_with_the_same_results(tmp_path: Path, tiny_folder: Path) -> None:
-    data = ["--data", str(tiny_folder), "--seed", "0"]
-    teacher = tmp_path / "teacher"
-    assert main(["teacher", *data, "--arch", "resnet20", "--epochs", "1", "--batch-size", "12",
-                 "--out", str(teacher), "--no-progress"]) == 0
+    data, teacher = train_tiny_teacher(tmp_path, tiny_folder)
     common = ["sweep", *data, "--teacher", str(teacher), "--w-bits", "3", "--a-bits", "3", "--augs", "none,augmix",
               "--epochs", "2", "--batch-size", "12", "--no-progress"]
     threads = torch.get_num_threads()
@@ -125,10 +128,7 @@ def test_sweep_jobs_trains_in_parallel_processes_with_the_same_results(tmp_path:
 
 
 def test_sweep_jobs_names_the_failed_run(tmp_path: Path, tiny_folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    data = ["--data", str(tiny_folder), "--seed", "0"]
-    teacher = tmp_path / "teacher"
-    assert main(["teacher", *data, "--arch", "resnet20", "--epochs", "1", "--batch-size", "12",
-                 "--out", str(teacher), "--no-progress"]) == 0
+    data, teacher = train_tiny_teacher(tmp_path, tiny_folder)
     capsys.readouterr()
     assert main(["sweep", *data, "--teacher", str(teacher), "--augs", "none,augmix", "--epochs", "1",
                  "--batch-size", "12", "--lr", "1e30", "--jobs", "2", "--out", str(tmp_path / "sweep")]) == 2
