@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -18,8 +19,8 @@ from daqkd.cli import main
 from daqkd.data import load_image_folder
 from daqkd.models import NormalizedModel, create_model, parse_normalization
 
-CANDIDATE_KEYS = {"name", "rank", "score", "centroid_ce", "cmi", "ce", "variance", "variance_rank",
-                  "accuracy", "images_per_s"}
+CANDIDATE_KEYS = {"name", "rank", "score", "centroid_ce", "cmi", "ce", "sample_score", "variance", "variance_se",
+                  "variance_groups", "variance_rank", "accuracy", "images_per_s"}
 
 
 @pytest.fixture
@@ -58,10 +59,24 @@ def test_rank_end_to_end_on_tiny_folder(tiny_folder: Path, tiny_teacher: Path, t
     for c in report["candidates"]:
         assert CANDIDATE_KEYS <= set(c)
         assert c["score"] == pytest.approx(c["centroid_ce"] - c["cmi"])
+        assert c["sample_score"] == pytest.approx(c["ce"] - c["cmi"])
         assert c["cmi"] >= 0 and 0 <= c["accuracy"] <= 1
+        assert c["variance_groups"] == 12  # 36 images: groups of 36 // 10 = 3 (2 groups of 1,000 do not fit)
+        assert c["variance_se"] == pytest.approx(c["variance"] / math.sqrt(2 * 11))
+        assert "authors_score" not in c  # a second pass only when asked
         assert c["name"] in printed
     assert sorted(c["variance_rank"] for c in report["candidates"]) == [1, 2, 3, 4]
     assert f"selected: {report['selected']}" in printed
+    # the controls: what teacher accuracy, centroid CE, CMI, sample score and variance would pick
+    picks = report["controls"]["picks"]
+    by_name = {c["name"]: c for c in report["candidates"]}
+    assert picks["score"] == report["selected"]
+    assert picks["teacher_accuracy"] == max(report["candidates"], key=lambda c: c["accuracy"])["name"]
+    assert picks["cmi"] == max(report["candidates"], key=lambda c: c["cmi"])["name"]
+    assert by_name[picks["variance"]]["variance_rank"] == 1
+    assert f"controls pick: teacher accuracy {picks['teacher_accuracy']}, centroid CE alone {picks['centroid_ce']}" in printed
+    rho = report["controls"]["score_vs_teacher_accuracy_spearman"]
+    assert -1 <= rho <= 1 and f"Spearman(score, teacher accuracy) {rho:+.2f}" in printed
 
     again = run_rank(args, tmp_path / "b.json")  # same seed, same numbers
     strip = lambda r: [{k: v for k, v in c.items() if k not in ("images_per_s", "seconds")} for c in r["candidates"]]
@@ -80,6 +95,28 @@ def test_rank_options_repeats_sample_score_paired(tiny_folder: Path, tiny_teache
         assert c["score"] == pytest.approx(c["ce"] - 0.5 * c["cmi"])
         assert c["score_se"] > 0 and c["cmi_se"] > 0  # three passes with fresh draws differ
         assert c["variance"] > 0 and c["variance_se"] >= 0  # 18 images: three paired groups of 6
+
+
+def test_rank_authors_variant_and_wang_variance_protocol(tiny_folder: Path, tiny_teacher: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["--data", str(tiny_folder), "--weights", str(tiny_teacher), "--augs", "none,augmix+cutmix", "--seed", "1"]
+    plain = run_rank(base, tmp_path / "plain.json")
+    capsys.readouterr()
+    both = run_rank([*base, "--controls", "all"], tmp_path / "all.json")
+    assert "2 pass(es)" in capsys.readouterr().out
+    for c, p in zip(both["candidates"], plain["candidates"]):
+        # the scored pass is the same draw; the authors' centroids come from a pass with fresh draws
+        assert (c["name"], c["score"], c["cmi"], c["variance"]) == (p["name"], p["score"], p["cmi"], p["variance"])
+        assert c["authors_score"] == pytest.approx(c["ce"] - c["authors_cmi"])
+        assert c["authors_cmi"] != pytest.approx(c["cmi"])
+    authors = run_rank([*base, "--score", "authors"], tmp_path / "authors.json")
+    assert [c["score"] for c in authors["candidates"]] == sorted(c["authors_score"] for c in both["candidates"])
+    wang = run_rank([*base, "--variance-protocol", "wang"], tmp_path / "wang.json")
+    for c, p in zip(wang["candidates"], plain["candidates"]):
+        assert c["variance_groups"] >= 1000  # 12 groups of 3 per pass: 84 passes with fresh draws
+        assert c["score"] == p["score"] and c["variance"] != p["variance"]
+        assert c["variance_se"] == pytest.approx(c["variance"] / math.sqrt(2 * (c["variance_groups"] - 1)))
+    assert wang["config"]["variance_protocol"] == "wang"
 
 
 def test_identity_accuracy_matches_plain_evaluation(shared_cifar10: Path, shared_resnet20: Path,

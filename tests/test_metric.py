@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from daqkd.metric import DAStatistics, score
+from daqkd.metric import DAStatistics, score, variance_standard_error
 
 
 def entropy(p: list[float]) -> float:
@@ -152,10 +152,11 @@ def test_absent_classes_are_ignored() -> None:
 
 
 def test_score_variants() -> None:
-    figures = {"centroid_ce": 0.5, "ce": 1.5, "cmi": 0.25}
+    figures = {"centroid_ce": 0.5, "ce": 1.5, "cmi": 0.25, "authors_cmi": 0.75}
     assert score(figures) == pytest.approx(0.25)
     assert score(figures, "paper", cmi_weight=2.0) == pytest.approx(0.0)
     assert score(figures, "sample") == pytest.approx(1.25)
+    assert score(figures, "authors") == pytest.approx(0.75)
     with pytest.raises(ValueError, match="unknown score"):
         score(figures, "bogus")
 
@@ -171,3 +172,61 @@ def test_all_reduce_in_a_one_process_group(tmp_path) -> None:
         assert after == pytest.approx(before)
     finally:
         dist.destroy_process_group()
+
+
+def authors_reference(p1: torch.Tensor, y1: torch.Tensor, p2: torch.Tensor, y2: torch.Tensor, soft: bool) -> float:
+    """The authors' computation written out: centroids from pass 1, mean KL(P_x || t_x C) on pass 2.
+    Under CutMix their code builds C = einsum("bi,bj->ij", p, y) / (label mass of the row index)."""
+    if soft:
+        centroids = torch.einsum("bi,bj->ij", p1, y1) / y1.sum(0)[:, None]
+    else:
+        centroids = torch.stack([p1[y1.argmax(1) == k].mean(0) for k in range(y1.shape[1])])
+    mixed = y2 @ centroids
+    return float((p2 * (p2.log() - mixed.log())).sum(1).mean())
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_authors_variant_equals_written_out_reference(soft: bool) -> None:
+    g = torch.Generator().manual_seed(3)
+    k, n = 4, 64
+    logits1, logits2 = torch.randn(n, k, generator=g) * 2, torch.randn(n, k, generator=g) * 2
+    labels1, labels2 = torch.arange(n) % k, torch.randint(0, k, (n,), generator=g)
+    if soft:  # CutMix-like soft labels: two classes mixed with a random share
+        lam1, lam2 = torch.rand(n, 1, generator=g), torch.rand(n, 1, generator=g)
+        eye = torch.eye(k, dtype=torch.float64)
+        t1 = lam1 * eye[labels1] + (1 - lam1) * eye[labels1.roll(1)]
+        t2 = lam2 * eye[labels2] + (1 - lam2) * eye[labels2.roll(1)]
+    else:
+        t1, t2 = labels1, labels2
+    first = DAStatistics(k, group_size=8)
+    first.update(logits1, t1)
+    reference = first.authors_centroids(soft_labels=soft)
+    second = DAStatistics(k, group_size=8, reference_centroids=reference)
+    for chunk in range(0, n, 24):  # streamed in batches
+        second.update(logits2[chunk:chunk + 24], t2[chunk:chunk + 24])
+    eye = torch.eye(k, dtype=torch.float64)
+    y1 = t1.double() if soft else eye[labels1]
+    y2 = t2.double() if soft else eye[labels2]
+    expected = authors_reference(torch.softmax(logits1.double(), 1), y1, torch.softmax(logits2.double(), 1), y2, soft)
+    assert second.compute()["authors_cmi"] == pytest.approx(expected, abs=1e-12)
+    if soft:  # the transposed matrix is not the centroids: its rows do not sum to 1
+        assert not torch.allclose(reference.sum(1), torch.ones(k, dtype=torch.float64))
+
+
+def test_authors_variant_on_its_own_pass_with_one_hot_labels_is_the_cmi() -> None:
+    # with one-hot labels the mean KL to the class centroid of the same pass is the CMI
+    g = torch.Generator().manual_seed(5)
+    logits, labels = torch.randn(40, 3, generator=g), torch.arange(40) % 3
+    plain = DAStatistics(3, group_size=4)
+    plain.update(logits, labels)
+    again = DAStatistics(3, group_size=4, reference_centroids=plain.authors_centroids(soft_labels=False))
+    again.update(logits, labels)
+    out = again.compute()
+    assert out["authors_cmi"] == pytest.approx(out["cmi"], abs=1e-12)
+
+
+def test_variance_standard_error_by_hand() -> None:
+    # 51 groups: SE bound = variance / sqrt(2 * 50) = variance / 10
+    assert variance_standard_error(0.01, 51) == pytest.approx(0.001)
+    assert variance_standard_error(0.01, 1) is None
+    assert variance_standard_error(float("nan"), 10) is None

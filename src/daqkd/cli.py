@@ -19,7 +19,16 @@ from .augment.base import SMALL_IMAGE_MAX
 from .checkpoint import load_classifier, write_json_atomic
 from .data import TORCHVISION_DATASETS, load_data
 from .errors import DaqkdError
-from .rank import COMPILE_AUTO_MIN_IMAGES, RankConfig, compile_pays, rank_candidates
+from .metric import SCORES
+from .rank import (
+    COMPILE_AUTO_MIN_IMAGES,
+    VARIANCE_PROTOCOLS,
+    RankConfig,
+    compile_pays,
+    effective_group_size,
+    rank_candidates,
+    variance_passes,
+)
 from .runtime import init_distributed, is_main_process, select_device
 
 
@@ -50,13 +59,20 @@ def add_rank_parser(subparsers: Any) -> None:
     r = p.add_argument_group("ranking")
     r.add_argument("--augs", default="all", help="comma-separated candidates, or 'all' (the paper's 16); known: "
                    + ", ".join(known_names()))
-    r.add_argument("--score", default="paper", choices=("paper", "sample"),
-                   help="paper: centroid_ce - w*cmi (default); sample: per-sample ce - w*cmi")
+    r.add_argument("--score", default="paper", choices=SCORES,
+                   help="paper: centroid_ce - w*cmi (default); sample: per-sample ce - w*cmi; authors: the authors' "
+                        "computation (centroids from a second pass, per-sample KL; reproduces their selections)")
+    r.add_argument("--controls", default="basic", choices=("basic", "all"),
+                   help="basic: teacher accuracy, centroid CE, CMI, sample score and variance beside the score "
+                        "(free); all: also the authors' computation (a second pass per candidate)")
     r.add_argument("--cmi-weight", type=float, default=1.0, help="w in the score (default %(default)s)")
     r.add_argument("--repeats", type=int, default=1, help="passes with fresh random draws; reports standard errors")
     r.add_argument("--variance-group", type=int, default=1000, help="samples per group of the variance baseline")
     r.add_argument("--variance-paired", action="store_true",
-                   help="groups also hold the plain crop+flip view of the same images (Wang et al.'s protocol)")
+                   help="groups also hold the plain crop+flip view of the same images")
+    r.add_argument("--variance-protocol", default="single", choices=VARIANCE_PROTOCOLS,
+                   help="single: the groups of the scored pass (default); wang: Wang et al.'s protocol, paired views "
+                        "and extra passes with fresh draws until at least 1,000 groups")
     r.add_argument("--batch-size", type=int, default=256)
     r.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
                    help=f"torch.compile the teacher (auto: on above {COMPILE_AUTO_MIN_IMAGES:,} forwards)")
@@ -76,18 +92,21 @@ def cmd_rank(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     data = load_data(args.data, args.dataset, args.split, args.limit_per_class, args.data_root)
     model, teacher = load_classifier(args.weights, args.arch, data.num_classes, args.normalize)
-    forwards = len(data) * len(augs) * args.repeats * (2 if args.variance_paired else 1)
-    compiled = args.compile == "on" or (args.compile == "auto" and compile_pays(forwards))
     config = RankConfig(
         augs=augs, batch_size=args.batch_size, seed=args.seed, repeats=args.repeats,
         cmi_weight=args.cmi_weight, score=args.score, variance_group=args.variance_group,
-        variance_paired=args.variance_paired,
+        variance_paired=args.variance_paired, authors=args.controls == "all",
+        variance_protocol=args.variance_protocol,
     )
+    passes = 1 + config.computes_authors + variance_passes(
+        config, len(data), effective_group_size(config.variance_group, len(data)))
+    forwards = len(data) * len(augs) * args.repeats * passes * (2 if config.paired else 1)
+    compiled = args.compile == "on" or (args.compile == "auto" and compile_pays(forwards))
     main = is_main_process()
     if main:
         print(f"daqkd rank: {len(data):,} {args.split} images, {data.num_classes} classes from {data.source}; "
               f"teacher {teacher['arch']} on {device}{' (compiled)' if compiled else ''}; "
-              f"{len(augs)} candidates x {args.repeats} pass(es)", flush=True)
+              f"{len(augs)} candidates x {args.repeats * passes} pass(es)", flush=True)
     progress = None if args.no_progress or not main else ProgressBars()
     report = rank_candidates(model, data, config, device, compiled, progress, args.crop_size)
     if progress is not None:
@@ -134,14 +153,18 @@ def _fmt(value: float | None, se: float | None = None, digits: int = 4) -> str:
 
 
 def format_table(report: dict[str, Any]) -> str:
-    """The ranking as an aligned text table (best first), with the variance baseline's rank."""
-    header = ["rank", "candidate", "score", "centroid_ce", "cmi", "ce", "variance", "var.rank", "acc", "img/s"]
+    """The ranking as an aligned text table (best first) with its controls, and what each control picks."""
+    authors = any("authors_score" in c for c in report["candidates"])
+    header = ["rank", "candidate", "score", "centroid_ce", "cmi", "sample", *(["authors"] if authors else []),
+              "variance", "groups", "var.rank", "acc", "img/s"]
     rows = []
     for c in report["candidates"]:
         rows.append([
             str(c["rank"]), c["name"], _fmt(c["score"], c.get("score_se")),
             _fmt(c["centroid_ce"], c.get("centroid_ce_se")), _fmt(c["cmi"], c.get("cmi_se")),
-            _fmt(c["ce"], c.get("ce_se")), _fmt(c["variance"], c.get("variance_se"), 5),
+            _fmt(c["sample_score"], c.get("sample_score_se")),
+            *([_fmt(c["authors_score"], c.get("authors_score_se"))] if authors else []),
+            _fmt(c["variance"], c.get("variance_se"), 5), str(c.get("variance_groups", "")),
             str(c["variance_rank"]), _fmt(100 * c["accuracy"], None, 2), f"{c['images_per_s']:.0f}",
         ])
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
@@ -149,8 +172,21 @@ def format_table(report: dict[str, Any]) -> str:
     for r in rows:
         lines.append("  ".join(v.ljust(w) if i == 1 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths))))
     cfg = report["config"]
-    lines.append(f"selected: {report['selected']}  (score = {'centroid_ce' if cfg['score'] == 'paper' else 'ce'}"
-                 f" - {cfg['cmi_weight']:g} * cmi, lower is better; variance groups of {report['variance_group']})")
+    formula = {"paper": "centroid_ce - {w} * cmi", "sample": "ce - {w} * cmi",
+               "authors": "ce - {w} * authors' cmi"}[cfg["score"]].format(w=f"{cfg['cmi_weight']:g}")
+    lines.append(f"selected: {report['selected']}  (score = {formula}, lower is better; sample = ce - cmi; "
+                 f"variance ± its standard error, from groups of {report['variance_group']})")
+    controls = report.get("controls")
+    if controls:
+        picks = controls["picks"]
+        named = {"teacher_accuracy": "teacher accuracy", "centroid_ce": "centroid CE alone", "cmi": "CMI alone",
+                 "sample_score": "sample score", "variance": "variance", "authors_score": "authors' score"}
+        lines.append("controls pick: " + ", ".join(f"{label} {picks[k]}" for k, label in named.items() if k in picks))
+        rho = controls["score_vs_teacher_accuracy_spearman"]
+        same = picks["score"] == picks["teacher_accuracy"]
+        lines.append(f"the score's pick {'equals' if same else 'differs from'} the teacher-accuracy pick; the CMI term "
+                     f"{'did not change' if picks['score'] == picks['score_without_cmi'] else 'changed'} the pick"
+                     + (f"; Spearman(score, teacher accuracy) {rho:+.2f} (-1: the same order)" if rho is not None else ""))
     return "\n".join(lines)
 
 

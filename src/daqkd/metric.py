@@ -10,6 +10,9 @@ labels) over the N samples of one pass:
 - ``score`` = centroid_ce - lambda * cmi (the paper's metric; lower is better);
 - ``ce`` = mean_x of -sum_y t_x[y] log P_x[y]; ``sample`` score = ce - lambda * cmi (the variant the
   authors' CIFAR script ranks by);
+- ``authors_cmi`` (only with ``reference_centroids``): mean_x KL(P_x || sum_y t_x[y] C_y) against a
+  centroid matrix C from a *separate* pass, as the authors' code computes it (see
+  :meth:`DAStatistics.authors_centroids`); ``authors`` score = ce - lambda * authors_cmi;
 - ``variance``: the baseline of Wang et al., "What Makes a 'Good' Data Augmentation in Knowledge
   Distillation - A Statistical Perspective", NeurIPS 2022: the mean over classes of the standard
   deviation (unbiased) across consecutive groups of ``group_size`` samples of the group's mean
@@ -54,6 +57,7 @@ class DAStatistics:
     groups: int = 0
     group_mean_sum: torch.Tensor = field(init=False)
     group_mean_sq_sum: torch.Tensor = field(init=False)
+    reference_centroids: torch.Tensor | None = None  # (K, K) row y: centroid mixed by t_x[y] (authors' variant)
 
     def __post_init__(self) -> None:
         if self.group_size < 1:
@@ -64,7 +68,9 @@ class DAStatistics:
         self.group_partial = torch.zeros(k, **opts)
         self.group_mean_sum = torch.zeros(k, **opts)
         self.group_mean_sq_sum = torch.zeros(k, **opts)
-        self._sums = torch.zeros(3, **opts)  # correct, entropy, ce: kept on device, no syncs
+        self._sums = torch.zeros(4, **opts)  # correct, entropy, ce, KL to reference: on device, no syncs
+        if self.reference_centroids is not None:
+            self.reference_centroids = self.reference_centroids.to(**opts)
 
     @torch.no_grad()
     def update(self, logits: torch.Tensor, targets: torch.Tensor,
@@ -89,7 +95,11 @@ class DAStatistics:
         entropy = -(probs * log_p).sum()
         ce = -(soft * log_p).sum()
         correct = (probs.argmax(dim=1) == target_idx).double().sum()
-        self._sums += torch.stack([correct, entropy, ce])
+        kl = torch.zeros((), dtype=torch.float64, device=probs.device)
+        if self.reference_centroids is not None:
+            mixed = soft @ self.reference_centroids  # (B, K): each sample's label-mixed centroid
+            kl = (probs * (log_p - mixed.clamp_min(_TINY).log())).sum()
+        self._sums += torch.stack([correct, entropy, ce, kl])
         self.count += logits.shape[0]
         group_values = probs
         if paired_logits is not None:
@@ -130,7 +140,7 @@ class DAStatistics:
         """Statistics of the union of two disjoint shards (a new object)."""
         if (other.num_classes, other.group_size) != (self.num_classes, self.group_size):
             raise ValueError("can only merge statistics with the same classes and group size")
-        out = DAStatistics(self.num_classes, self.group_size, self.device)
+        out = DAStatistics(self.num_classes, self.group_size, self.device, reference_centroids=self.reference_centroids)
         out.count = self.count + other.count
         out._sums = self._sums + other._sums.to(self.device)
         for name in ("label_mass", "weighted_probs", "group_mean_sum", "group_mean_sq_sum"):
@@ -154,7 +164,7 @@ class DAStatistics:
         """cmi, centroid_ce, ce, variance (NaN with fewer than 2 groups), accuracy, images."""
         if self.count == 0:
             raise ValueError("no samples were added")
-        correct, entropy_sum, ce_sum = self._sums.tolist()
+        correct, entropy_sum, ce_sum, kl_sum = self._sums.tolist()
         present = self.label_mass > 0
         mass = self.label_mass[present]
         centroids = self.weighted_probs[present] / mass[:, None]
@@ -169,20 +179,55 @@ class DAStatistics:
             mean = self.group_mean_sum / g
             var = (self.group_mean_sq_sum - g * mean * mean).clamp_min(0) / (g - 1)
             variance = float(var.sqrt().mean())
-        return {
+        figures = {
             "cmi": cmi,
             "centroid_ce": centroid_ce,
             "ce": ce_sum / self.count,
             "variance": variance,
+            "variance_groups": float(self.groups),
             "accuracy": correct / self.count,
             "images": float(self.count),
         }
+        if self.reference_centroids is not None:
+            figures["authors_cmi"] = kl_sum / self.count
+        return figures
+
+    def authors_centroids(self, soft_labels: bool) -> torch.Tensor:
+        """The centroid matrix as the authors' code builds it from this pass, (K, K) float64.
+
+        One-hot labels: row y is the centroid Q_y = sum_x t_x[y] P_x / m_y. Soft labels (CutMix):
+        their ``einsum("bi,bj->ij", p, y)`` puts predictions in rows and labels in columns and
+        divides by the label mass of the *row* index, i.e. ``weighted_probs.T / m[:, None]``, the
+        transpose of the centroids with the wrong normalization. Reproduced as published, for
+        :func:`score` ``"authors"``; not a recommendation.
+        """
+        mass = self.label_mass.clamp_min(_TINY)[:, None]
+        return (self.weighted_probs.T if soft_labels else self.weighted_probs) / mass
+
+
+def variance_standard_error(variance: float, groups: int) -> float | None:
+    """Standard error of the variance baseline from ``groups`` group means.
+
+    Per class, the sample standard deviation s of g normal values has SE ~ s / sqrt(2 (g - 1))
+    (the group means average ``group_size`` predictions, so they are close to normal); the
+    baseline averages s over classes, and the SE of an average is at most the average of the SEs
+    whatever the classes' correlation, so variance / sqrt(2 (g - 1)) bounds it. None below 2 groups.
+    """
+    if groups < 2 or variance is None or math.isnan(variance):
+        return None
+    return variance / math.sqrt(2 * (groups - 1))
+
+
+SCORES = ("paper", "sample", "authors")
 
 
 def score(figures: dict[str, float], kind: str = "paper", cmi_weight: float = 1.0) -> float:
-    """The ranking score, lower is better: ``paper`` = centroid_ce - w * cmi, ``sample`` = ce - w * cmi."""
+    """The ranking score, lower is better: ``paper`` = centroid_ce - w * cmi, ``sample`` = ce - w * cmi,
+    ``authors`` = ce - w * authors_cmi (their code: per-sample KL to centroids of a separate pass)."""
     if kind == "paper":
         return figures["centroid_ce"] - cmi_weight * figures["cmi"]
     if kind == "sample":
         return figures["ce"] - cmi_weight * figures["cmi"]
-    raise ValueError(f"unknown score {kind!r}: use 'paper' or 'sample'")
+    if kind == "authors":
+        return figures["ce"] - cmi_weight * figures["authors_cmi"]
+    raise ValueError(f"unknown score {kind!r}: use one of {', '.join(SCORES)}")

@@ -23,26 +23,50 @@ from torch import nn
 from .augment import Candidate
 from .checkpoint import write_json_atomic
 from .data import ImageSet
-from .metric import DAStatistics, score
+from .metric import SCORES, DAStatistics, score, variance_standard_error
 from .runtime import mix_seed
 
 Progress = Callable[[str, int, int], None]  # (candidate, images done, images total)
 
-FIGURES = ("score", "centroid_ce", "cmi", "ce", "variance", "accuracy")
+FIGURES = ("score", "centroid_ce", "cmi", "ce", "sample_score", "variance", "accuracy")
+AUTHORS_FIGURES = ("authors_score", "authors_cmi")
+VARIANCE_PROTOCOLS = ("single", "wang")
+# Draw streams: the scored pass of repeat r draws from stream r; the authors' centroid pass and the
+# extra variance passes from their own streams, so each gets fresh random draws.
+CENTROID_STREAM = 1 << 20
+VARIANCE_STREAM = 2 << 20
 
 
 @dataclass
 class RankConfig:
-    """What `daqkd rank` computes; every field is recorded in the report."""
+    """What `daqkd rank` computes; every field is recorded in the report.
+
+    score: "paper" (centroid_ce - w * cmi), "sample" (ce - w * cmi) or "authors" (their code).
+    authors: also compute the authors' variant (a second pass per candidate; implied by
+    score="authors"). variance_protocol: "single" (groups of the scored pass, paired views when
+    variance_paired) or "wang" (Wang et al.: paired views, extra passes with fresh draws until at
+    least variance_min_groups groups).
+    """
 
     augs: list[str]
     batch_size: int = 256
     seed: int = 0
     repeats: int = 1
     cmi_weight: float = 1.0
-    score: str = "paper"  # "paper": centroid_ce - w * cmi; "sample": ce - w * cmi
+    score: str = "paper"
     variance_group: int = 1000
     variance_paired: bool = False
+    authors: bool = False
+    variance_protocol: str = "single"
+    variance_min_groups: int = 1000
+
+    @property
+    def computes_authors(self) -> bool:
+        return self.authors or self.score == "authors"
+
+    @property
+    def paired(self) -> bool:
+        return self.variance_paired or self.variance_protocol == "wang"
 
 
 # torch.compile costs ~30 s on CPU; it pays off above this many teacher forwards.
@@ -99,22 +123,24 @@ def batch_ranges(total: int, batch_size: int, rank: int = 0, world: int = 1) -> 
 
 
 def run_pass(runner: TeacherRunner, data: ImageSet, candidate: Candidate, config: RankConfig,
-             repeat: int, group_size: int, progress: Progress | None = None) -> tuple[DAStatistics, float]:
-    """One pass of the split under ``candidate``: (statistics summed over processes, seconds)."""
+             stream: int, group_size: int, progress: Progress | None = None,
+             reference_centroids: torch.Tensor | None = None) -> tuple[DAStatistics, float]:
+    """One pass of the split under ``candidate`` with the shuffling and draws of ``stream``:
+    (statistics summed over processes, seconds)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(mix_seed(config.seed, repeat)))
-    stats = DAStatistics(data.num_classes, group_size, runner.device)
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(mix_seed(config.seed, stream)))
+    stats = DAStatistics(data.num_classes, group_size, runner.device, reference_centroids=reference_centroids)
     batches = batch_ranges(len(data), config.batch_size, rank, world)
 
     def prepare(b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         idx = order[b * config.batch_size:(b + 1) * config.batch_size]
-        generator = torch.Generator().manual_seed(mix_seed(config.seed, repeat, b))
+        generator = torch.Generator().manual_seed(mix_seed(config.seed, stream, b))
         images = data.take(idx)
         if isinstance(images, torch.Tensor):
             images = images.to(runner.device, non_blocking=True)
         base = candidate.base_view(images, generator)
         x, targets = candidate(images, data.labels[idx].to(runner.device), generator, base=base)
-        return x, targets, base if config.variance_paired else None
+        return x, targets, base if config.paired else None
 
     # Augmentation runs inline: on CUDA its kernels queue behind the model's asynchronously; on CPU
     # a prefetch thread measured slower (its OpenMP team fights the model's for the cores).
@@ -141,33 +167,71 @@ def summarize(values: list[float]) -> tuple[float, float | None]:
     return mean, math.sqrt(var / len(values))
 
 
+def variance_passes(config: RankConfig, images: int, group_size: int) -> int:
+    """Extra passes the variance needs under ``config.variance_protocol`` (0 for "single")."""
+    if config.variance_protocol != "wang":
+        return 0
+    per_pass = max(1, images // group_size)
+    return max(0, math.ceil(config.variance_min_groups / per_pass) - 1)
+
+
 def rank_candidates(model: nn.Module, data: ImageSet, config: RankConfig, device: torch.device,
                     compiled: bool = False, progress: Progress | None = None,
                     crop_size: int = 224, runner: TeacherRunner | None = None) -> dict[str, Any]:
     """Rank ``config.augs`` for ``model`` on ``data``; the report `daqkd rank` writes as JSON.
 
-    Pass ``runner`` to reuse an already compiled and warmed-up teacher.
+    Per candidate and repeat: the scored pass; with ``config.computes_authors`` first a centroid
+    pass (fresh draws) whose centroid matrix the scored pass measures its KL against; with the
+    "wang" variance protocol, extra passes (fresh draws) that only add variance groups. Pass
+    ``runner`` to reuse an already compiled and warmed-up teacher.
     """
+    if config.score not in SCORES:
+        raise ValueError(f"unknown score {config.score!r}")
+    if config.variance_protocol not in VARIANCE_PROTOCOLS:
+        raise ValueError(f"unknown variance protocol {config.variance_protocol!r}")
     runner = runner or TeacherRunner(model, device, config.batch_size, compiled)
     group_size = effective_group_size(config.variance_group, len(data))
+    extra_variance = variance_passes(config, len(data), group_size)
+    keys = FIGURES + (AUTHORS_FIGURES if config.computes_authors else ())
     results = []
     for name in config.augs:
         candidate = Candidate(name, data.num_classes, crop_size)
-        per_repeat: dict[str, list[float]] = {k: [] for k in FIGURES}
-        seconds = 0.0
+        per_repeat: dict[str, list[float]] = {k: [] for k in keys}
+        groups, seconds = [], 0.0
         for repeat in range(config.repeats):
-            stats, elapsed = run_pass(runner, data, candidate, config, repeat, group_size, progress)
-            figures = stats.compute()
-            figures["score"] = score(figures, config.score, config.cmi_weight)
-            for key in FIGURES:
-                per_repeat[key].append(figures[key])
+            reference = None
+            if config.computes_authors:
+                centroid_stats, elapsed = run_pass(runner, data, candidate, config, CENTROID_STREAM + repeat,
+                                                   group_size, progress)
+                reference = centroid_stats.authors_centroids(soft_labels=candidate.cutmix)
+                seconds += elapsed
+            stats, elapsed = run_pass(runner, data, candidate, config, repeat, group_size, progress, reference)
             seconds += elapsed
+            figures = stats.compute()
+            for k in range(extra_variance):
+                more, elapsed = run_pass(runner, data, candidate, config,
+                                         VARIANCE_STREAM + repeat * extra_variance + k, group_size, progress)
+                stats = stats.merge(more)
+                seconds += elapsed
+            if extra_variance:
+                merged = stats.compute()
+                figures["variance"], figures["variance_groups"] = merged["variance"], merged["variance_groups"]
+            figures["score"] = score(figures, config.score, config.cmi_weight)
+            figures["sample_score"] = score(figures, "sample", config.cmi_weight)
+            if config.computes_authors:
+                figures["authors_score"] = score(figures, "authors", config.cmi_weight)
+            for key in keys:
+                per_repeat[key].append(figures[key])
+            groups.append(int(figures["variance_groups"]))
         row: dict[str, Any] = {"name": name}
-        for key in FIGURES:
+        for key in keys:
             mean, se = summarize(per_repeat[key])
             row[key] = None if math.isnan(mean) else mean
             if config.repeats > 1:
                 row[key + "_se"] = se
+        row["variance_groups"] = min(groups)
+        if config.repeats == 1:
+            row["variance_se"] = variance_standard_error(row["variance"], row["variance_groups"])
         row["images_per_s"] = len(data) * config.repeats / seconds
         row["seconds"] = seconds
         results.append(row)
@@ -181,7 +245,33 @@ def rank_candidates(model: nn.Module, data: ImageSet, config: RankConfig, device
         "variance_group": group_size,
         "config": asdict(config),
         "candidates": sorted(results, key=lambda r: r["rank"]),
+        "controls": control_picks(results, config),
     }
+
+
+def control_picks(rows: list[dict[str, Any]], config: RankConfig) -> dict[str, Any]:
+    """What simple controls would pick, beside the score: does the metric add anything to them?
+
+    ``picks``: the candidate each figure prefers (teacher accuracy: highest; CMI alone: highest,
+    as the score rewards it; the others lowest); ``score_vs_teacher_accuracy_spearman``: how
+    closely the score's order follows the teacher's accuracy (-1: the same order)."""
+    from scipy.stats import spearmanr
+
+    preferences = {"teacher_accuracy": ("accuracy", max), "centroid_ce": ("centroid_ce", min),
+                   "cmi": ("cmi", max), "sample_score": ("sample_score", min), "variance": ("variance", min)}
+    if config.computes_authors:
+        preferences["authors_score"] = ("authors_score", min)
+    picks = {"score": min(rows, key=lambda r: r["score"])["name"]}
+    for name, (key, choose) in preferences.items():
+        usable = [r for r in rows if r.get(key) is not None]
+        picks[name] = choose(usable, key=lambda r: r[key])["name"] if usable else None
+    without_cmi = "centroid_ce" if config.score == "paper" else "ce"
+    picks["score_without_cmi"] = min(rows, key=lambda r: r[without_cmi])["name"]
+    rho = None
+    scores, accuracies = [r["score"] for r in rows], [r["accuracy"] for r in rows]
+    if len(rows) >= 3 and len(set(scores)) > 1 and len(set(accuracies)) > 1:  # else no rank correlation exists
+        rho = float(spearmanr(scores, accuracies).statistic)
+    return {"picks": picks, "score_vs_teacher_accuracy_spearman": rho}
 
 
 def assign_ranks(rows: list[dict[str, Any]]) -> None:
