@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -15,40 +16,90 @@ from daqkd.sweep import analyze, correlation, report_markdown
 
 
 def fake_ranking(scores: dict[str, float], variances: dict[str, float]) -> dict:
+    """Teacher accuracy 1 - score: the score orders the DAs exactly as the teacher's accuracy does."""
     names = sorted(scores, key=scores.get)
     by_var = sorted(variances, key=variances.get)
-    return {"candidates": [
+    return {"images": 5000, "variance_group": 1000, "config": {"cmi_weight": 1.0, "score": "paper"}, "candidates": [
         {"name": n, "rank": names.index(n) + 1, "variance_rank": by_var.index(n) + 1, "score": scores[n],
-         "variance": variances[n], "cmi": 0.1, "centroid_ce": scores[n] + 0.1, "accuracy": 0.9} for n in names]}
+         "variance": variances[n], "cmi": 0.1, "centroid_ce": scores[n] + 0.1, "ce": scores[n] + 0.3,
+         "accuracy": 1 - scores[n]} for n in names]}
 
 
-def test_analysis_picks_and_correlations() -> None:
-    scores = {"none+cutmix": 0.5, "augmix+cutmix": 0.3, "randaugment+cutmix": 0.1, "trivialaugment+cutmix": 0.2}
-    variances = {"none+cutmix": 0.01, "augmix+cutmix": 0.02, "randaugment+cutmix": 0.04, "trivialaugment+cutmix": 0.03}
-    top1 = {"none+cutmix": 60.0, "augmix+cutmix": 62.0, "randaugment+cutmix": 65.0, "trivialaugment+cutmix": 64.0}
-    runs = [{"aug": n, "seed": s, "top1": a + s, "best_top1": a + s + 1} for n, a in top1.items() for s in (0, 1)]
-    result = analyze(fake_ranking(scores, variances), runs, list(scores))
+SCORES = {"none+cutmix": 0.5, "augmix+cutmix": 0.3, "randaugment+cutmix": 0.1, "trivialaugment+cutmix": 0.2}
+VARIANCES = {"none+cutmix": 0.01, "augmix+cutmix": 0.02, "randaugment+cutmix": 0.04, "trivialaugment+cutmix": 0.03}
+TOP1 = {  # final top-1 per seed 0, 1, 2; "none" is the default, not a candidate
+    "none+cutmix": [60.0, 60.5, 61.0], "augmix+cutmix": [62.0, 62.0, 62.5],
+    "randaugment+cutmix": [65.0, 65.5, 66.0], "trivialaugment+cutmix": [64.0, 63.5, 64.0], "none": [63.0, 63.0, 63.0],
+}
+
+
+def fake_runs(seeds: int) -> list[dict]:
+    return [{"aug": n, "seed": s, "top1": a[s], "best_top1": a[s] + 1} for n, a in TOP1.items() for s in range(seeds)]
+
+
+def test_analysis_controls_gains_and_verdict() -> None:
+    result = analyze(fake_ranking(SCORES, VARIANCES), fake_runs(3), list(SCORES), default="none")
     s = result["summary"]
-    assert (s["metric_pick"], s["variance_pick"]) == ("randaugment+cutmix", "none+cutmix")
-    assert s["metric_pick_top1"] == pytest.approx(65.5)  # mean of seeds 0 and 1
-    assert (s["best"], s["worst"], s["none"]) == ("randaugment+cutmix", "none+cutmix", "none+cutmix")
-    # score ordering is exactly the accuracy ordering reversed; variance is exactly aligned with it
-    assert s["metric_correlation"]["spearman"] == pytest.approx(-1.0)
-    assert s["metric_correlation"]["kendall"] == pytest.approx(-1.0)
-    assert s["variance_correlation"]["spearman"] == pytest.approx(1.0)
+    assert (s["metric_pick"], s["variance_pick"], s["teacher_accuracy_pick"]) == (
+        "randaugment+cutmix", "none+cutmix", "randaugment+cutmix")
+    assert s["metric_pick_top1"] == pytest.approx(65.5)  # mean of seeds 0, 1, 2
+    assert (s["best"], s["worst"], s["default"], s["default_top1"]) == ("randaugment+cutmix", "none+cutmix", "none", 63.0)
+    # pick - default per seed: 2.0, 2.5, 3.0 -> mean 2.5, sd 0.5, half-width t(0.975, 2) 0.5 / sqrt(3) = 1.242069
+    g = result["gain"]["pick_vs_default"]
+    assert g["mean"] == pytest.approx(2.5) and g["seeds"] == 3
+    assert g["ci95"] == [pytest.approx(2.5 - 1.242069, abs=1e-6), pytest.approx(2.5 + 1.242069, abs=1e-6)]
+    # per-seed medians of the 4 candidates: 63.0, 62.75, 63.25 -> differences 2.0, 2.75, 2.75
+    m = result["gain"]["pick_vs_median"]
+    assert m["differences"] == pytest.approx([2.0, 2.75, 2.75])
+    assert m["ci95"][0] == pytest.approx(2.5 - 1.0756633, abs=1e-6)
+    # the score's order is exactly the accuracy order reversed: rho -1, exact p 2/4! for n = 4
+    c = result["controls"]
+    assert set(c) == {"score", "teacher_accuracy", "centroid_ce", "cmi", "sample_score", "variance"}
+    assert c["score"]["spearman"] == pytest.approx(-1.0) and c["score"]["spearman_p_exact"] == pytest.approx(2 / 24)
+    assert c["teacher_accuracy"]["spearman"] == pytest.approx(1.0) and c["teacher_accuracy"]["direction"] == "as predicted"
+    assert c["variance"]["spearman"] == pytest.approx(1.0) and c["variance"]["direction"] == "opposite"
+    assert math.isnan(c["cmi"]["spearman"]) and c["cmi"]["spearman_p"] == 1.0  # constant CMI ranks nothing
+    assert result["score_vs_teacher_accuracy_spearman"] == pytest.approx(-1.0)
+    assert result["warnings"] == []
+    verdict = " ".join(result["verdict"])
+    assert "vs the default none: +2.50 points (95% CI [+1.26, +3.74], 3 seeds)" in verdict
+    assert "is the same as the pick of teacher accuracy" in verdict and "cannot credit the metric" in verdict
     rows = result["candidates"]
-    assert [r["name"] for r in rows] == ["randaugment+cutmix", "trivialaugment+cutmix", "augmix+cutmix", "none+cutmix"]
-    assert rows[0]["top1_std"] == pytest.approx(0.7071, abs=1e-4)
-    text = report_markdown(result, {"title": "t", "runs_finished": 8, "runs_total": 8, "train_seconds": 3600,
+    assert [r["name"] for r in rows] == ["randaugment+cutmix", "trivialaugment+cutmix", "augmix+cutmix",
+                                         "none+cutmix", "none"]
+    assert rows[-1]["candidate"] is False and rows[-1]["score"] is None
+    assert rows[0]["top1_std"] == pytest.approx(0.5)
+    assert rows[0]["variance_groups"] == 5 and rows[0]["variance_se"] == pytest.approx(0.04 / math.sqrt(8))
+    text = report_markdown(result, {"title": "t", "runs_finished": 15, "runs_total": 15, "train_seconds": 3600,
                                     "device": "cpu", "command": "daqkd sweep"})
     assert "| metric's pick | randaugment+cutmix | 65.50% |" in text
+    assert "| default | none | 63.00% |" in text and "none (crop + flip)" not in text
+    assert "| metric's pick vs default (none) | +2.50 | [+1.26, +3.74] | 3 | +2.00, +2.50, +3.00 |" in text
+    assert "| none (default, not a candidate) |" in text
 
 
-def test_correlation_equals_scipy_and_needs_three_points() -> None:
+def test_analysis_warns_on_few_seeds_and_a_pick_equal_to_the_default() -> None:
+    result = analyze(fake_ranking(SCORES, VARIANCES), fake_runs(2), list(SCORES), default="none")
+    warnings = result["warnings"]
+    assert any(w.startswith("pick vs default rests on 2 seed(s)") for w in warnings)
+    # differences 2.0, 2.5: half-width t(0.975, 1) 0.354 / sqrt(2) = 3.18 > 2.25
+    assert "pick vs default: the interval contains 0, the difference is within noise" in warnings
+    assert any(w.startswith("5 of 5 DAs have fewer than 3 seeds") for w in warnings)
+    same = analyze(fake_ranking(SCORES, VARIANCES), fake_runs(3), list(SCORES), default="randaugment+cutmix")
+    assert same["gain"]["pick_vs_default"]["mean"] == 0.0
+    assert any("is the default" in line for line in same["verdict"])
+    missing = analyze(fake_ranking(SCORES, VARIANCES), fake_runs(3)[:-3], list(SCORES), default="none")
+    assert missing["gain"]["pick_vs_default"] is None
+    assert any("not measured" in line for line in missing["verdict"])
+    assert any("pick vs default not measured" in w for w in missing["warnings"])
+
+
+def test_correlation_is_scipys_with_exact_p_and_needs_three_points() -> None:
     x, y = [0.3, 0.1, 0.4, 0.2, 0.5], [61.0, 64.0, 60.5, 62.0, 63.0]
     corr = correlation(x, y)
     assert corr.spearman == pytest.approx(stats.spearmanr(x, y).statistic)
-    assert corr.kendall_p == pytest.approx(stats.kendalltau(x, y).pvalue)
+    assert corr.kendall == pytest.approx(stats.kendalltau(x, y).statistic)
+    assert corr.p_method == "exact permutation"
     assert correlation([0.1, 0.2], [1.0, 2.0]) is None
 
 
@@ -69,23 +120,52 @@ def test_sweep_end_to_end_and_resumes(tmp_path: Path, tiny_folder: Path, capsys:
             "--batch-size", "12", "--out", str(sweep), "--no-progress"]
     assert main(args) == 0
     results = json.loads((sweep / "results.json").read_text())
-    assert len(results["runs"]) == 3 and {r["aug"] for r in results["runs"]} == {"none+cutmix", "randaugment+cutmix", "augmix"}
+    # the default (plain crop + flip) is trained beside the candidates although it is not one
+    assert results["default"] == "none"
+    assert len(results["runs"]) == 4 and {r["aug"] for r in results["runs"]} == {
+        "none+cutmix", "randaugment+cutmix", "augmix", "none"}
     s = results["summary"]
     assert s["metric_pick"] == next(c["name"] for c in results["ranking"]["candidates"] if c["rank"] == 1)
-    assert s["metric_correlation"]["n"] == 3
+    assert s["metric_correlation"]["n"] == 3 and results["controls"]["teacher_accuracy"]["n"] == 3
+    assert results["gain"]["pick_vs_default"]["seeds"] == 1
     assert (sweep / "scatter.png").stat().st_size > 10_000
-    assert "## Picks" in (sweep / "report.md").read_text()
+    report = (sweep / "report.md").read_text()
+    assert "## Picks" in report and "**Warning:** pick vs default rests on 1 seed(s)" in report
     stamps = {p: p.stat().st_mtime_ns for p in (sweep / "runs").glob("*/model.safetensors")}
     capsys.readouterr()
 
     # a second seed: the finished runs are not repeated
     assert main([*args, "--seeds", "2"]) == 0
     printed = capsys.readouterr().out
-    assert printed.count("-- ") == 3 and "seed1" in printed and "none+cutmix-seed0" not in printed
+    assert printed.count("-- ") == 4 and "seed1" in printed and "none+cutmix-seed0" not in printed
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
     results = json.loads((sweep / "results.json").read_text())
-    assert len(results["runs"]) == 6
+    assert len(results["runs"]) == 8
     assert all(len(r["seeds"]) == 2 for r in results["candidates"])
+
+    # other options in the same --out: one error line naming each difference, nothing trained
+    for extra, named in ((["--w-bits", "2"], "--w-bits 3 (now 2)"), (["--epochs", "2"], "--epochs 1 (now 2)"),
+                         (["--kd", "none", "--lr", "0.01"], "--kd 'kd' (now 'none'), --lr 0.001 (now 0.01)"),
+                         (["--seed", "5"], "--seed 0 (now 5)"), (["--default", "augmix"], "--default 'none'")):
+        assert main([*args, "--seeds", "2", *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("daqkd: error:") and named in err, err
+    assert main(args) == 2  # fewer seeds than the sweep holds
+    assert "--seeds 2 (now 1)" in capsys.readouterr().err
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+
+    # the outputs rebuilt from disk alone: the same analysis, nothing trained
+    before = json.loads((sweep / "results.json").read_text())
+    (sweep / "report.md").unlink()
+    (sweep / "scatter.png").unlink()
+    assert main(["sweep", "--report-only", "--out", str(sweep)]) == 0
+    after = json.loads((sweep / "results.json").read_text())
+    for key in ("summary", "controls", "gain", "verdict", "warnings", "candidates", "default"):
+        assert after[key] == before[key], key
+    assert (sweep / "report.md").read_text().startswith("# daqkd sweep") and (sweep / "scatter.png").is_file()
+    assert "8 finished runs" in capsys.readouterr().out
+    assert main(["sweep", "--report-only", "--out", str(tmp_path / "nothing")]) == 2
+    assert "results.json is missing" in capsys.readouterr().err
 
     # a fresh checkout of a committed sweep: metrics only, one run cut off without its resume state
     for path in (sweep / "runs").glob("*/*"):
@@ -99,8 +179,10 @@ def test_sweep_end_to_end_and_resumes(tmp_path: Path, tiny_folder: Path, capsys:
     assert len(cut.read_text().splitlines()) == 1  # trained afresh, not appended to
 
     # another candidate list cannot reuse the stored ranking
-    assert main([*args[:-7], "--augs", "none", "--epochs", "1", "--batch-size", "12", "--out", str(sweep),
-                 "--no-progress"]) == 2
+    assert main([*args, "--seeds", "2", "--augs", "none"]) == 2
+    assert "--augs 'none+cutmix,randaugment+cutmix,augmix' (now 'none')" in capsys.readouterr().err
+    (sweep / "results.json").unlink()  # without the sweep's own record, rank.json still guards the list
+    assert main([*args, "--seeds", "2", "--augs", "none"]) == 2
     assert "ranks other candidates" in capsys.readouterr().err
 
 

@@ -106,13 +106,18 @@ def save_checkpoint(path: str | Path, model: nn.Module, metadata: dict[str, Any]
             os.unlink(tmp)
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write JSON via a temp file and rename, so a reader never sees half a file."""
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write text via a temp file and rename, so a reader never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write JSON via a temp file and rename, so a reader never sees half a file."""
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def load_classifier(weights: str | Path, arch: str | None, num_classes: int,

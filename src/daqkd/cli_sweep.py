@@ -26,13 +26,13 @@ from typing import Any
 import torch
 
 from .augment import parse_candidates
-from .checkpoint import load_run_model, write_json_atomic
+from .checkpoint import load_run_model, write_json_atomic, write_text_atomic
 from .cli_train import add_optim_args, add_student_args, load_train_test, train_student
 from .data import ImageSet
 from .errors import DaqkdError
 from .rank import rank_and_save
 from .runtime import init_distributed, is_main_process, select_device
-from .sweep import analyze, report_markdown, scatter_plot
+from .sweep import _pct, analyze, report_markdown, scatter_plot
 
 
 def add_parser(subparsers: Any, add_data_args) -> None:
@@ -41,9 +41,13 @@ def add_parser(subparsers: Any, add_data_args) -> None:
         description="Rank --augs once with the teacher, train one student per candidate and seed "
                     "(the options of `daqkd train`), and write results.json, report.md and scatter.png.")
     add_data_args(p)
-    add_student_args(p)
+    add_student_args(p, teacher_required=False)
     add_optim_args(p, lr=1e-3, optimizer="adam", aug=None)
     p.add_argument("--seeds", type=int, default=1, help="students per DA, seeds --seed .. --seed+S-1")
+    p.add_argument("--default", metavar="DA",
+                   help="the DA also trained for comparison, candidate or not (default: none, plain crop + flip)")
+    p.add_argument("--report-only", action="store_true",
+                   help="rebuild results.json, report.md and scatter.png from what --out holds; trains nothing")
     p.add_argument("--jobs", type=int, default=1,
                    help="students trained at once, each in its own process logging to RUN/train.log "
                         "(a small student leaves a large GPU mostly idle)")
@@ -131,7 +135,139 @@ def run_in_processes(pending: list[argparse.Namespace], data: tuple[ImageSet, Im
                          "epoch; run the same command again")
 
 
+# The options that make two students comparable: a sweep refuses to mix runs that differ in any.
+COMPARED_OPTIONS = ("teacher", "arch", "init", "method", "w_bits", "a_bits", "per_channel", "first_last", "ewgs_delta",
+                    "kd", "gamma", "alpha", "temperature", "quant_lr", "data", "dataset", "limit_per_class", "epochs",
+                    "batch_size", "optimizer", "lr", "momentum", "weight_decay", "warmup_epochs", "no_amp")
+PATH_OPTIONS = ("teacher", "init", "data")
+DEFAULT_DA = "none"
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _same(name: str, stored: Any, current: Any) -> bool:
+    if name in PATH_OPTIONS and stored is not None and current is not None:
+        return os.path.normpath(str(stored)) == os.path.normpath(str(current))
+    return stored == current
+
+
+def check_same_configuration(out: Path, args: argparse.Namespace, stored_sweep: dict[str, Any] | None) -> None:
+    """Stop with one error line naming every option in which ``args`` differs from the runs that
+    ``out`` already holds (their config.json), or from the sweep's stored seed list and default."""
+    differences: dict[str, tuple[Any, Any]] = {}
+    for config_file in sorted(out.glob("runs/*/config.json")):
+        try:
+            stored = json.loads(config_file.read_text())["args"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise DaqkdError(f"{config_file} is unreadable ({exc}): delete that run or use another --out") from exc
+        for name in COMPARED_OPTIONS:
+            current = getattr(args, name, None)
+            if name in stored and not _same(name, stored[name], current) and name not in differences:
+                differences[name] = (stored[name], current)
+    if stored_sweep is not None:
+        if stored_sweep.get("seed", args.seed) != args.seed:
+            differences["seed"] = (stored_sweep["seed"], args.seed)
+        if stored_sweep.get("seeds", args.seeds) > args.seeds:
+            differences["seeds"] = (stored_sweep["seeds"], args.seeds)
+        if "augs" in stored_sweep and sorted(parse_candidates(stored_sweep["augs"])) != sorted(parse_candidates(args.augs)):
+            differences["augs"] = (stored_sweep["augs"], args.augs)
+        stored_default = stored_sweep.get("default")
+        if stored_default is not None and stored_default != args.default:
+            differences["default"] = (stored_default, args.default)
+    if differences:
+        listed = ", ".join(f"{_option(k)} {v[0]!r} (now {v[1]!r})" for k, v in differences.items())
+        raise DaqkdError(f"{out} holds a sweep made with other options: {listed}; rerun with those options "
+                         "(--seeds may grow) or use another --out")
+
+
+def collect_finished(out: Path, names: list[str], seeds: list[int], epochs: int) -> list[dict[str, Any]]:
+    """The finished runs of ``names`` x ``seeds`` under ``out/runs``."""
+    results = []
+    for seed in seeds:
+        for aug in names:
+            run = out / "runs" / run_name(aug, seed)
+            done = finished_run(run, epochs)
+            if done is not None:
+                results.append({"aug": aug, "seed": seed, "run": str(run.relative_to(out)), **done})
+    return results
+
+
+class SweepOutputs:
+    """Writes results.json, report.md and scatter.png of a sweep from its finished runs."""
+
+    def __init__(self, out: Path, ranking: dict[str, Any], candidates: list[str], default: str,
+                 config: dict[str, Any], meta: dict[str, Any]) -> None:
+        self.out, self.ranking, self.candidates, self.default = out, ranking, candidates, default
+        self.config, self.meta = config, meta
+
+    def analyze(self, results: list[dict[str, Any]]) -> dict[str, Any]:
+        return analyze(self.ranking, results, self.candidates, self.default)
+
+    def publish(self, results: list[dict[str, Any]], runs_total: int) -> dict[str, Any]:
+        analysis = self.analyze(results)
+        meta = {**self.meta, "runs_finished": len(results), "runs_total": runs_total,
+                "train_seconds": sum(r["train_seconds"] for r in results)}
+        write_json_atomic(self.out / "results.json", {"config": self.config, "meta": meta, "ranking": self.ranking,
+                                                      "runs": results, **analysis})
+        write_text_atomic(self.out / "report.md", report_markdown(analysis, meta))
+        if any(r["candidate"] for r in analysis["candidates"]):
+            scatter_plot(analysis, self.out / "scatter.png", meta["title"])
+        return analysis
+
+
+def print_verdict(analysis: dict[str, Any], out: Path) -> None:
+    s = analysis["summary"]
+    print(f"metric's pick {s['metric_pick']}: {_pct(s.get('metric_pick_top1'))}  default {s.get('default')}: "
+          f"{_pct(s.get('default_top1'))}  variance pick {s['variance_pick']}: {_pct(s.get('variance_pick_top1'))}  "
+          f"best {s.get('best')}: {_pct(s.get('best_top1'))}")
+    for line in analysis["verdict"]:
+        print(line)
+    for warning in analysis["warnings"]:
+        print(f"warning: {warning}")
+    print(f"wrote {out / 'results.json'}, {out / 'report.md'}, {out / 'scatter.png'}")
+
+
+def sweep_title(images: int, args: argparse.Namespace | dict[str, Any]) -> str:
+    a = args if isinstance(args, dict) else vars(args)
+    return (f"{images:,} train images, {a['method']} W{a['w_bits']}A{a['a_bits']} student, KD {a['kd']}, "
+            f"{a['epochs']} epoch(s)")
+
+
+def report_only(args: argparse.Namespace) -> int:
+    """`daqkd sweep --report-only --out DIR`: the outputs rebuilt from rank.json, results.json's
+    configuration and the finished runs on disk; nothing is trained."""
+    out = Path(args.out)
+    results_file, rank_file = out / "results.json", out / "rank.json"
+    for needed in (results_file, rank_file):
+        if not needed.is_file():
+            raise DaqkdError(f"--report-only: {needed} is missing: pass the --out of a sweep that has started")
+    try:
+        stored = json.loads(results_file.read_text())
+        ranking = json.loads(rank_file.read_text())
+        config, old_meta = stored["config"], stored["meta"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise DaqkdError(f"--report-only: {results_file} or {rank_file} is unreadable ({exc})") from exc
+    default = args.default or config.get("default") or DEFAULT_DA
+    config = {**config, "default": default}
+    names = parse_candidates(config["augs"])
+    seeds = [config["seed"] + i for i in range(config.get("seeds", 1))]
+    trained = names + ([default] if default not in names else [])
+    results = collect_finished(out, trained, seeds, config["epochs"])
+    meta = {"title": sweep_title(ranking.get("images", 0), config), "device": old_meta.get("device", "?"),
+            "command": old_meta.get("command", "?")}
+    analysis = SweepOutputs(out, ranking, names, default, config, meta).publish(results, len(trained) * len(seeds))
+    print(f"daqkd sweep --report-only: {len(results)} finished runs in {out}")
+    print_verdict(analysis, out)
+    return 0
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
+    if args.report_only:
+        return report_only(args)
+    if args.teacher is None:
+        raise DaqkdError("pass --teacher RUN (the teacher's run directory or checkpoint)")
     if args.seeds < 1:
         raise DaqkdError(f"--seeds must be at least 1, got {args.seeds}")
     if args.jobs < 1:
@@ -140,8 +276,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise DaqkdError("--jobs trains students side by side on one machine: use it without torchrun")
     augs = parse_candidates(args.augs)
     names = list(augs)
-    init_distributed()
     out = Path(args.out)
+    stored_sweep = None
+    if (out / "results.json").is_file():
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            stored_sweep = json.loads((out / "results.json").read_text())["config"]
+    args.default = args.default or (stored_sweep or {}).get("default") or DEFAULT_DA
+    parse_candidates(args.default)
+    check_same_configuration(out, args, stored_sweep)
+    init_distributed()
     out.mkdir(parents=True, exist_ok=True)
     device = select_device(args.device)
     data = load_train_test(args)
@@ -158,35 +301,26 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         ranking = rank_and_save(teacher, train, augs, args.seed, device, rank_file, main)
     if main:
         order = ", ".join(c["name"] for c in sorted(ranking["candidates"], key=lambda c: c["rank"]))
-        print(f"daqkd sweep: ranking (best first): {order}", flush=True)
+        print(f"daqkd sweep: ranking (best first): {order}; default {args.default}", flush=True)
 
     command = "daqkd " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    title = (f"{ranking.get('images', len(train)):,} train images, {args.method} W{args.w_bits}A{args.a_bits} "
-             f"student, KD {args.kd}, {args.epochs} epoch(s)")
     seeds = [args.seed + i for i in range(args.seeds)]
-    results: list[dict[str, Any]] = []
-    total = len(names) * len(seeds)
-
-    def publish() -> None:
-        analysis = analyze(ranking, results, names)
-        meta = {"title": title, "runs_finished": len(results), "runs_total": total, "device": str(device),
-                "train_seconds": sum(r["train_seconds"] for r in results), "command": command}
-        write_json_atomic(out / "results.json", {"config": {k: v for k, v in vars(args).items() if k != "func"},
-                                                 "meta": meta, "ranking": ranking, "runs": results, **analysis})
-        (out / "report.md").write_text(report_markdown(analysis, meta))
-        if analysis["candidates"]:
-            scatter_plot(analysis, out / "scatter.png", title)
-
-    # best-ranked first: a partial sweep then already holds the metric's pick
+    # best-ranked first, then the default: a partial sweep already holds the pick and what it must beat
     ordered = sorted(names, key=lambda n: next(c["rank"] for c in ranking["candidates"] if c["name"] == n))
+    if args.default not in ordered:
+        ordered.insert(1, args.default)
+    total = len(ordered) * len(seeds)
+    config = {k: v for k, v in vars(args).items() if k != "func"}
+    meta = {"title": sweep_title(ranking.get("images", len(train)), args), "device": str(device), "command": command}
+    outputs = SweepOutputs(out, ranking, names, args.default, config, meta)
+    results = collect_finished(out, ordered, seeds, args.epochs)
+    finished = {(r["aug"], r["seed"]) for r in results}
     pending: list[argparse.Namespace] = []
     for seed in seeds:
         for aug in ordered:
-            run = out / "runs" / run_name(aug, seed)
-            done = finished_run(run, args.epochs)
-            if done is not None:
-                results.append({"aug": aug, "seed": seed, "run": str(run.relative_to(out)), **done})
+            if (aug, seed) in finished:
                 continue
+            run = out / "runs" / run_name(aug, seed)
             run_args = copy.copy(args)
             run_args.aug, run_args.seed, run_args.out = aug, seed, str(run)
             run_args.resume = (run / "state.pt").is_file()
@@ -194,7 +328,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                 shutil.rmtree(run)  # a partial run without its resume state: start it afresh
             pending.append(run_args)
     if main and results:
-        publish()
+        outputs.publish(results, total)
 
     def record(run_args: argparse.Namespace, wall_seconds: float) -> None:
         run = Path(run_args.out)
@@ -205,7 +339,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                         "wall_seconds": wall_seconds})
         if main:
             print(f"{run.name} finished: top-1 {done['top1']:.2f}% ({len(results)}/{total})", flush=True)
-            publish()
+            outputs.publish(results, total)
 
     if args.jobs > 1 and pending:
         run_in_processes(pending, data, args.jobs, record)
@@ -217,13 +351,5 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         train_student(run_args, data)
         record(run_args, time.perf_counter() - started)
     if main:
-        publish()
-        s = analyze(ranking, results, names)["summary"]
-        corr = s["metric_correlation"]
-        print(f"metric's pick {s['metric_pick']}: {s['metric_pick_top1']:.2f}%  variance pick "
-              f"{s['variance_pick']}: {s['variance_pick_top1']:.2f}%  best {s.get('best')}: {s.get('best_top1'):.2f}%")
-        if corr:
-            print(f"Spearman(score, top-1) {corr['spearman']:+.3f} (p={corr['spearman_p']:.3g})  "
-                  f"Kendall {corr['kendall']:+.3f} (p={corr['kendall_p']:.3g})")
-        print(f"wrote {out / 'results.json'}, {out / 'report.md'}, {out / 'scatter.png'}")
+        print_verdict(outputs.publish(results, total), out)
     return 0

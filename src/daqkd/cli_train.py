@@ -72,9 +72,9 @@ def add_parsers(subparsers: Any, add_data_args) -> None:
     e.set_defaults(func=cmd_eval, split="test")
 
 
-def add_student_args(s: argparse.ArgumentParser) -> None:
+def add_student_args(s: argparse.ArgumentParser, teacher_required: bool = True) -> None:
     """The student's options, shared by `daqkd train` and `daqkd sweep`."""
-    s.add_argument("--teacher", required=True, metavar="CKPT", help="teacher run directory or daqkd checkpoint")
+    s.add_argument("--teacher", required=teacher_required, metavar="CKPT", help="teacher run directory or daqkd checkpoint")
     s.add_argument("--arch", help="student architecture (default: the teacher's; it then starts from its weights)")
     s.add_argument("--init", metavar="FILE", help="student weights when the architectures differ")
     s.add_argument("--method", default="ewgs", choices=sorted(QUANTIZERS))
