@@ -191,8 +191,9 @@ def analyze(ranking: dict[str, Any], runs: list[dict[str, Any]], candidates: lis
 
 def _fmt_gain(g: dict[str, Any]) -> str:
     ci = g["ci95"]
-    interval = f"95% CI [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "no interval (1 seed)"
-    return f"{g['mean']:+.2f} points ({interval}, {g['seeds']} seed{'s' if g['seeds'] != 1 else ''})"
+    if not ci:
+        return f"{g['mean']:+.2f} points (1 seed, no interval)"
+    return f"{g['mean']:+.2f} points (95% CI [{ci[0]:+.2f}, {ci[1]:+.2f}], {g['seeds']} seeds)"
 
 
 def verdict_lines(analysis: dict[str, Any], picks: dict[str, str | None]) -> tuple[list[str], list[str]]:
@@ -213,7 +214,7 @@ def verdict_lines(analysis: dict[str, Any], picks: dict[str, str | None]) -> tup
             if g["seeds"] < MIN_SEEDS:
                 warnings.append(f"pick vs default rests on {g['seeds']} seed(s); at least {MIN_SEEDS} are needed to "
                                 "judge it (run the same command with a larger --seeds)")
-            if g["ci95"] is None or g["ci95"][0] <= 0.0 <= g["ci95"][1]:
+            if g["ci95"] is not None and g["ci95"][0] <= 0.0 <= g["ci95"][1]:
                 warnings.append("pick vs default: the interval contains 0, the difference is within noise")
     else:
         warnings.append("no default DA was trained: the pick cannot be compared with the default")
@@ -224,7 +225,7 @@ def verdict_lines(analysis: dict[str, Any], picks: dict[str, str | None]) -> tup
         lines.append(f"The metric's pick vs the median candidate: {_fmt_gain(g)}.")
         if g["seeds"] < MIN_SEEDS:
             warnings.append(f"pick vs median rests on {g['seeds']} seed(s); at least {MIN_SEEDS} are needed")
-        if g["ci95"] is None or g["ci95"][0] <= 0.0 <= g["ci95"][1]:
+        if g["ci95"] is not None and g["ci95"][0] <= 0.0 <= g["ci95"][1]:
             warnings.append("pick vs median: the interval contains 0, the difference is within noise")
     agree = analysis["score_vs_teacher_accuracy"]
     if agree is not None:
