@@ -118,8 +118,10 @@ def test_sweep_end_to_end_and_resumes(tmp_path: Path, tiny_folder: Path, capsys:
     args = ["sweep", *data, "--teacher", str(teacher), "--method", "ewgs", "--w-bits", "3", "--a-bits", "3",
             "--kd", "kd", "--augs", "none+cutmix,randaugment+cutmix,augmix", "--epochs", "1",
             "--batch-size", "12", "--out", str(sweep), "--no-progress"]
-    assert main(args) == 0
+    assert main([*args, "--controls", "all"]) == 0
     results = json.loads((sweep / "results.json").read_text())
+    assert set(results["controls"]) == {"score", "teacher_accuracy", "centroid_ce", "cmi", "sample_score", "variance",
+                                        "authors_score"}
     # the default (plain crop + flip) is trained beside the candidates although it is not one
     assert results["default"] == "none"
     assert len(results["runs"]) == 4 and {r["aug"] for r in results["runs"]} == {

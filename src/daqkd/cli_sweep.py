@@ -46,6 +46,9 @@ def add_parser(subparsers: Any, add_data_args) -> None:
     p.add_argument("--seeds", type=int, default=1, help="students per DA, seeds --seed .. --seed+S-1")
     p.add_argument("--default", metavar="DA",
                    help="the DA also trained for comparison, candidate or not (default: none, plain crop + flip)")
+    p.add_argument("--controls", default="basic", choices=("basic", "all"),
+                   help="all: the ranking also computes the authors' variant (a second teacher pass per candidate), "
+                        "which the report then correlates with the students like every other control")
     p.add_argument("--report-only", action="store_true",
                    help="rebuild results.json, report.md and scatter.png from what --out holds; trains nothing")
     p.add_argument("--jobs", type=int, default=1,
@@ -298,7 +301,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             raise DaqkdError(f"{rank_file} ranks other candidates than --augs: use another --out, or delete it")
     else:
         teacher, _ = load_run_model(args.teacher, train.num_classes)
-        ranking = rank_and_save(teacher, train, augs, args.seed, device, rank_file, main)
+        ranking = rank_and_save(teacher, train, augs, args.seed, device, rank_file, main, args.controls == "all")
     if main:
         order = ", ".join(c["name"] for c in sorted(ranking["candidates"], key=lambda c: c["rank"]))
         print(f"daqkd sweep: ranking (best first): {order}; default {args.default}", flush=True)

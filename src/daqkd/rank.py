@@ -79,11 +79,12 @@ def compile_pays(forwards: int) -> bool:
 
 
 def rank_and_save(teacher: nn.Module, data: ImageSet, augs: list[str], seed: int, device: torch.device,
-                  path: str | Path, save: bool = True) -> dict[str, Any]:
+                  path: str | Path, save: bool = True, authors: bool = False) -> dict[str, Any]:
     """Rank ``augs`` on the training split with default settings (what `train --aug auto` and
-    `sweep` run) and write the report to ``path`` (when ``save``: the main process)."""
-    report = rank_candidates(teacher, data, RankConfig(augs=augs, seed=seed), device,
-                             compile_pays(len(data) * len(augs)))
+    `sweep` run; ``authors`` adds the authors' computation) and write the report to ``path`` (when
+    ``save``: the main process)."""
+    config = RankConfig(augs=augs, seed=seed, authors=authors)
+    report = rank_candidates(teacher, data, config, device, compile_pays(len(data) * len(augs) * (1 + authors)))
     report["split"] = "train"
     if save:
         write_json_atomic(path, report)
