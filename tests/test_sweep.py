@@ -220,7 +220,17 @@ def test_sweep_jobs_names_the_failed_run(tmp_path: Path, tiny_folder: Path, caps
     assert len(err.splitlines()) == 1 and "-seed0 failed (DaqkdError: the loss became" in err and "train.log" in err
 
 
-def test_scatter_labels_do_not_overlap_and_stay_inside() -> None:
+H200_POINTS = [("randomerasing+cutmix", 0.41, 85.34), ("randaugment+cutmix", 0.46, 85.34),
+               ("autoaugment-cifar10+cutmix", 0.49, 85.24), ("autoaugment-svhn+cutmix", 0.66, 85.15),
+               ("none+cutmix", 0.25, 85.55)]
+CPU_POINTS = [("none+cutmix", 0.2510, 84.49), ("augmix+cutmix", 0.2940, 84.35), ("randomerasing+cutmix", 0.4067, 83.98),
+              ("randaugment+cutmix", 0.4614, 84.09), ("autoaugment-cifar10+cutmix", 0.4874, 84.04),
+              ("trivialaugment+cutmix", 0.5340, 83.69), ("autoaugment-imagenet+cutmix", 0.6243, 83.90),
+              ("autoaugment-svhn+cutmix", 0.6638, 83.80)]
+
+
+@pytest.mark.parametrize("points", [H200_POINTS, CPU_POINTS], ids=["h200", "cpu"])
+def test_scatter_labels_do_not_overlap_and_stay_inside(points: list[tuple[str, float, float]]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -228,12 +238,11 @@ def test_scatter_labels_do_not_overlap_and_stay_inside() -> None:
 
     from daqkd.sweep import place_labels
 
-    # two ties in accuracy close in score, and a point at the right edge (the H200 sweep's case)
-    points = [("randomerasing+cutmix", 0.41, 85.34), ("randaugment+cutmix", 0.46, 85.34),
-              ("autoaugment-cifar10+cutmix", 0.49, 85.24), ("autoaugment-svhn+cutmix", 0.66, 85.15),
-              ("none+cutmix", 0.25, 85.55)]
+    # the committed sweeps' points: ties in accuracy close in score, points at the right edge, labels
+    # long enough to reach the next point
     fig, ax = plt.subplots(figsize=(7.5, 5.0), dpi=130)
     ax.plot([p[1] for p in points], [p[2] for p in points], "o")
+    ax.axhline(85.63)  # the CPU sweep's default line squeezes its points into the lower half
     fig.tight_layout()
     ax.autoscale_view()
     place_labels(fig, ax, points)
@@ -243,4 +252,6 @@ def test_scatter_labels_do_not_overlap_and_stay_inside() -> None:
     plt.close(fig)
     assert sorted(t.get_text() for t in ax.texts) == sorted(p[0] for p in points)
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    markers = [ax.transData.transform((p[1], p[2])) for p in points]
+    assert not any(b.contains(mx, my) for b in boxes for mx, my in markers)  # no label covers a point
     assert all(frame.x0 <= b.x0 and b.x1 <= frame.x1 for b in boxes)

@@ -254,10 +254,17 @@ def verdict_lines(analysis: dict[str, Any], picks: dict[str, str | None]) -> tup
 
 def place_labels(fig: Any, ax: Any, points: list[tuple[str, float, float]]) -> None:
     """Annotate each (label, x, y) inside the axes, moving a label below or further up where it
-    would overlap one already placed (DAs often tie in accuracy)."""
+    would overlap a label already placed, a point's marker or the legend (DAs often tie in accuracy)."""
+    from matplotlib.transforms import Bbox
+
     renderer = fig.canvas.get_renderer()
     frame = ax.get_window_extent(renderer)
     placed: list[Any] = []
+    for _, x, y in points:  # a label must not cover any point
+        px, py = ax.transData.transform((x, y))
+        placed.append(Bbox.from_extents(px - 5, py - 5, px + 5, py + 5))
+    if ax.get_legend() is not None:
+        placed.append(ax.get_legend().get_window_extent(renderer))
     for label, x, y in sorted(points, key=lambda p: p[1]):
         choice = None
         for dy in (4, -11, 15, -22, 26):
