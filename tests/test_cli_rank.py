@@ -149,6 +149,7 @@ def test_identity_accuracy_matches_plain_evaluation(shared_cifar10: Path, shared
     (["--arch", "resnet21"], "unknown --arch 'resnet21'"),
     (["--normalize", "imagenett"], "bad --normalize"),
     (["--repeats", "0"], "--repeats must be at least 1"),
+    (["--mix-group", "-1"], "--mix-group must be at least 0"),
     (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
 ])
 def test_bad_inputs_give_one_clear_line(tiny_folder: Path, tiny_teacher: Path, extra: list[str], message: str,

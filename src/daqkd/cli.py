@@ -73,6 +73,9 @@ def add_rank_parser(subparsers: Any) -> None:
     r.add_argument("--variance-protocol", default="single", choices=VARIANCE_PROTOCOLS,
                    help="single: the groups of the scored pass (default); wang: Wang et al.'s protocol, paired views "
                         "and extra passes with fresh draws until at least 1,000 groups")
+    r.add_argument("--mix-group", type=int, default=8,
+                   help="CutMix candidates draw one box and lambda per this many images (default %(default)s; "
+                        "0: one per batch, as in training)")
     r.add_argument("--batch-size", type=int, default=256)
     r.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
                    help=f"torch.compile the teacher (auto: on above {COMPILE_AUTO_MIN_IMAGES:,} forwards)")
@@ -84,7 +87,7 @@ def add_rank_parser(subparsers: Any) -> None:
 def cmd_rank(args: argparse.Namespace) -> int:
     augs = parse_candidates(args.augs)
     for name, value, low in (("--repeats", args.repeats, 1), ("--batch-size", args.batch_size, 1),
-                             ("--variance-group", args.variance_group, 1)):
+                             ("--variance-group", args.variance_group, 1), ("--mix-group", args.mix_group, 0)):
         if value < low:
             raise DaqkdError(f"{name} must be at least {low}, got {value}")
     init_distributed()
@@ -96,7 +99,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
         augs=augs, batch_size=args.batch_size, seed=args.seed, repeats=args.repeats,
         cmi_weight=args.cmi_weight, score=args.score, variance_group=args.variance_group,
         variance_paired=args.variance_paired, authors=args.controls == "all",
-        variance_protocol=args.variance_protocol,
+        variance_protocol=args.variance_protocol, mix_group=args.mix_group,
     )
     passes = 1 + config.computes_authors + variance_passes(
         config, len(data), effective_group_size(config.variance_group, len(data)))
@@ -175,7 +178,9 @@ def format_table(report: dict[str, Any]) -> str:
     formula = {"paper": "centroid_ce - {w} * cmi", "sample": "ce - {w} * cmi",
                "authors": "ce - {w} * authors' cmi"}[cfg["score"]].format(w=f"{cfg['cmi_weight']:g}")
     lines.append(f"selected: {report['selected']}  (score = {formula}, lower is better; sample = ce - cmi; "
-                 f"variance ± its standard error, from groups of {report['variance_group']})")
+                 f"± jackknife standard errors; variance from groups of {report['variance_group']})")
+    if report.get("stability"):
+        lines.append(f"verdict: {report['stability']['text']}")
     controls = report.get("controls")
     if controls:
         picks = controls["picks"]

@@ -58,6 +58,7 @@ class DAStatistics:
     group_mean_sum: torch.Tensor = field(init=False)
     group_mean_sq_sum: torch.Tensor = field(init=False)
     reference_centroids: torch.Tensor | None = None  # (K, K) row y: centroid mixed by t_x[y] (authors' variant)
+    blocks: int = 0  # jackknife blocks: per-block copies of the sums (0: none)
 
     def __post_init__(self) -> None:
         if self.group_size < 1:
@@ -71,15 +72,21 @@ class DAStatistics:
         self._sums = torch.zeros(4, **opts)  # correct, entropy, ce, KL to reference: on device, no syncs
         if self.reference_centroids is not None:
             self.reference_centroids = self.reference_centroids.to(**opts)
+        j = self.blocks
+        self.block_count = torch.zeros(j, **opts)
+        self.block_sums = torch.zeros(j, 4, **opts)
+        self.block_mass = torch.zeros(j, k, **opts)
+        self.block_weighted = torch.zeros(j, k, k, **opts)
 
     @torch.no_grad()
     def update(self, logits: torch.Tensor, targets: torch.Tensor,
-               paired_logits: torch.Tensor | None = None) -> None:
+               paired_logits: torch.Tensor | None = None, block_ids: torch.Tensor | None = None) -> None:
         """Add a batch.
 
         logits (B, K) teacher outputs; targets (B,) int64 class indices or (B, K) label
         distributions (rows sum to 1). paired_logits (B, K): outputs on a second view of the same
         images, which then shares each variance group (Wang et al.'s paired protocol).
+        block_ids (B,) int64 in [0, blocks): each sample's jackknife block (needed when blocks > 0).
         """
         log_p = torch.log_softmax(logits.double(), dim=1)
         probs = log_p.exp()
@@ -92,14 +99,27 @@ class DAStatistics:
             target_idx = soft.argmax(dim=1)
             self.weighted_probs += soft.T @ probs
         self.label_mass += soft.sum(dim=0)
-        entropy = -(probs * log_p).sum()
-        ce = -(soft * log_p).sum()
-        correct = (probs.argmax(dim=1) == target_idx).double().sum()
-        kl = torch.zeros((), dtype=torch.float64, device=probs.device)
+        per_sample = torch.stack([
+            (probs.argmax(dim=1) == target_idx).double(),  # correct
+            -(probs * log_p).sum(dim=1),  # entropy
+            -(soft * log_p).sum(dim=1),  # cross-entropy
+            torch.zeros_like(log_p[:, 0]),  # KL to the label-mixed reference centroid
+        ], dim=1)
         if self.reference_centroids is not None:
             mixed = soft @ self.reference_centroids  # (B, K): each sample's label-mixed centroid
-            kl = (probs * (log_p - mixed.clamp_min(_TINY).log())).sum()
-        self._sums += torch.stack([correct, entropy, ce, kl])
+            per_sample[:, 3] = (probs * (log_p - mixed.clamp_min(_TINY).log())).sum(dim=1)
+        self._sums += per_sample.sum(dim=0)
+        if self.blocks:
+            if block_ids is None:
+                raise ValueError("block_ids are needed when blocks > 0")
+            block_ids = block_ids.to(probs.device)
+            self.block_count.index_add_(0, block_ids, torch.ones_like(per_sample[:, 0]))
+            self.block_sums.index_add_(0, block_ids, per_sample)
+            self.block_mass.index_add_(0, block_ids, soft)
+            # blocks are contiguous runs of the pass, so a batch touches one or two of them
+            for block in block_ids.unique().tolist():
+                rows = block_ids == block
+                self.block_weighted[block] += soft[rows].T @ probs[rows]
         self.count += logits.shape[0]
         group_values = probs
         if paired_logits is not None:
@@ -140,10 +160,13 @@ class DAStatistics:
         """Statistics of the union of two disjoint shards (a new object)."""
         if (other.num_classes, other.group_size) != (self.num_classes, self.group_size):
             raise ValueError("can only merge statistics with the same classes and group size")
-        out = DAStatistics(self.num_classes, self.group_size, self.device, reference_centroids=self.reference_centroids)
+        if other.blocks != self.blocks:
+            raise ValueError("can only merge statistics with the same number of jackknife blocks")
+        out = DAStatistics(self.num_classes, self.group_size, self.device, reference_centroids=self.reference_centroids,
+                           blocks=self.blocks)
         out.count = self.count + other.count
         out._sums = self._sums + other._sums.to(self.device)
-        for name in ("label_mass", "weighted_probs", "group_mean_sum", "group_mean_sq_sum"):
+        for name in ("label_mass", "weighted_probs", "group_mean_sum", "group_mean_sq_sum", *_BLOCK_FIELDS):
             setattr(out, name, getattr(self, name) + getattr(other, name).to(self.device))
         out.groups = self.groups + other.groups
         return out
@@ -154,7 +177,7 @@ class DAStatistics:
             return
         counts = torch.tensor([self.count, self.groups], dtype=torch.float64, device=self.device)
         for tensor in (counts, self._sums, self.label_mass, self.weighted_probs,
-                       self.group_mean_sum, self.group_mean_sq_sum):
+                       self.group_mean_sum, self.group_mean_sq_sum, *(getattr(self, f) for f in _BLOCK_FIELDS)):
             dist.all_reduce(tensor)
         self.count, self.groups = int(counts[0]), int(counts[1])
         self.group_partial.zero_()
@@ -164,15 +187,9 @@ class DAStatistics:
         """cmi, centroid_ce, ce, variance (NaN with fewer than 2 groups), accuracy, images."""
         if self.count == 0:
             raise ValueError("no samples were added")
-        correct, entropy_sum, ce_sum, kl_sum = self._sums.tolist()
-        present = self.label_mass > 0
-        mass = self.label_mass[present]
-        centroids = self.weighted_probs[present] / mass[:, None]
-        centroid_entropy = -(centroids * centroids.clamp_min(_TINY).log()).sum(dim=1)
-        weights = mass / mass.sum()
-        cmi = float((weights * centroid_entropy).sum()) - entropy_sum / self.count
-        own = centroids.gather(1, present.nonzero()).squeeze(1)  # Q_y[y]
-        centroid_ce = float(-own.clamp_min(_TINY).log().mean())
+        base = {k: float(v) for k, v in _figures(torch.tensor(float(self.count), dtype=torch.float64),
+                                                 self._sums.cpu(), self.label_mass.cpu(),
+                                                 self.weighted_probs.cpu()).items()}
         variance = math.nan
         if self.groups >= 2:
             g = self.groups
@@ -180,17 +197,37 @@ class DAStatistics:
             var = (self.group_mean_sq_sum - g * mean * mean).clamp_min(0) / (g - 1)
             variance = float(var.sqrt().mean())
         figures = {
-            "cmi": cmi,
-            "centroid_ce": centroid_ce,
-            "ce": ce_sum / self.count,
+            "cmi": base["cmi"],
+            "centroid_ce": base["centroid_ce"],
+            "ce": base["ce"],
             "variance": variance,
             "variance_groups": float(self.groups),
-            "accuracy": correct / self.count,
+            "accuracy": base["accuracy"],
             "images": float(self.count),
         }
         if self.reference_centroids is not None:
-            figures["authors_cmi"] = kl_sum / self.count
+            figures["authors_cmi"] = base["authors_cmi"]
         return figures
+
+    def jackknife(self) -> dict[str, torch.Tensor] | None:
+        """Leave-one-block-out values of cmi, centroid_ce, ce, accuracy (and authors_cmi): each a
+        (J,) float64 tensor over the J non-empty blocks; None with fewer than 2 of them.
+
+        The delete-a-group jackknife (Quenouille; Efron & Stein 1981): the figures are smooth
+        functions of sums over samples, so the figure recomputed without block j, for every j,
+        gives the standard error sqrt((J - 1) / J * sum_j (theta_j - mean theta)^2) (see
+        :func:`jackknife_se`) with no extra teacher pass.
+        """
+        used = self.block_count > 0
+        if int(used.sum()) < 2:
+            return None
+        loo = _figures(self.block_count[used].sum() - self.block_count[used],
+                       self.block_sums[used].sum(0) - self.block_sums[used],
+                       self.block_mass[used].sum(0) - self.block_mass[used],
+                       self.block_weighted[used].sum(0) - self.block_weighted[used])
+        if self.reference_centroids is None:
+            del loo["authors_cmi"]
+        return {k: v.cpu() for k, v in loo.items()}
 
     def authors_centroids(self, soft_labels: bool) -> torch.Tensor:
         """The centroid matrix as the authors' code builds it from this pass, (K, K) float64.
@@ -203,6 +240,38 @@ class DAStatistics:
         """
         mass = self.label_mass.clamp_min(_TINY)[:, None]
         return (self.weighted_probs.T if soft_labels else self.weighted_probs) / mass
+
+
+_BLOCK_FIELDS = ("block_count", "block_sums", "block_mass", "block_weighted")
+
+
+def _figures(count: torch.Tensor, sums: torch.Tensor, mass: torch.Tensor, weighted: torch.Tensor) -> dict[str, torch.Tensor]:
+    """cmi, centroid_ce, ce, accuracy, authors_cmi from sums, batched over leading dimensions.
+
+    count (...,); sums (..., 4): correct, entropy, ce, KL to reference; mass (..., K) label mass;
+    weighted (..., K, K): row y = sum_x t_x[y] P_x. Classes without label mass are left out of
+    the centroid CE's mean and weigh 0 in the CMI.
+    """
+    present = mass > 0
+    centroids = weighted / mass.clamp_min(_TINY)[..., None]
+    centroid_entropy = -(centroids * centroids.clamp_min(_TINY).log()).sum(dim=-1)
+    weights = mass / mass.sum(dim=-1, keepdim=True)
+    own = torch.diagonal(centroids, dim1=-2, dim2=-1)  # Q_y[y]
+    own_ce = torch.where(present, -own.clamp_min(_TINY).log(), torch.zeros_like(own))
+    return {
+        "cmi": (weights * centroid_entropy).sum(dim=-1) - sums[..., 1] / count,
+        "centroid_ce": own_ce.sum(dim=-1) / present.sum(dim=-1),
+        "ce": sums[..., 2] / count,
+        "accuracy": sums[..., 0] / count,
+        "authors_cmi": sums[..., 3] / count,
+    }
+
+
+def jackknife_se(leave_one_out: torch.Tensor) -> float:
+    """Jackknife standard error from J leave-one-block-out values: sqrt((J-1)/J sum (t_j - mean)^2)."""
+    j = leave_one_out.numel()
+    centred = leave_one_out - leave_one_out.mean()
+    return math.sqrt((j - 1) / j * float((centred * centred).sum()))
 
 
 def variance_standard_error(variance: float, groups: int) -> float | None:

@@ -23,7 +23,7 @@ from torch import nn
 from .augment import Candidate
 from .checkpoint import write_json_atomic
 from .data import ImageSet
-from .metric import SCORES, DAStatistics, score, variance_standard_error
+from .metric import SCORES, DAStatistics, jackknife_se, score, variance_standard_error
 from .runtime import mix_seed
 
 Progress = Callable[[str, int, int], None]  # (candidate, images done, images total)
@@ -59,6 +59,8 @@ class RankConfig:
     authors: bool = False
     variance_protocol: str = "single"
     variance_min_groups: int = 1000
+    jackknife_blocks: int = 32
+    mix_group: int = 8
 
     @property
     def computes_authors(self) -> bool:
@@ -130,8 +132,13 @@ def run_pass(runner: TeacherRunner, data: ImageSet, candidate: Candidate, config
     (statistics summed over processes, seconds)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(mix_seed(config.seed, stream)))
-    stats = DAStatistics(data.num_classes, group_size, runner.device, reference_centroids=reference_centroids)
+    blocks = min(config.jackknife_blocks, len(data))
+    stats = DAStatistics(data.num_classes, group_size, runner.device, reference_centroids=reference_centroids,
+                         blocks=blocks)
     batches = batch_ranges(len(data), config.batch_size, rank, world)
+    # jackknife block of each position in the pass: contiguous runs, the same images for every
+    # candidate of a repeat (same shuffling), so differences between candidates pair block by block
+    block_of = torch.arange(len(data)) * blocks // len(data)
 
     def prepare(b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         idx = order[b * config.batch_size:(b + 1) * config.batch_size]
@@ -151,7 +158,7 @@ def run_pass(runner: TeacherRunner, data: ImageSet, candidate: Candidate, config
         x, targets, base = prepare(b)
         logits = runner(x)
         paired = runner(base) if base is not None else None
-        stats.update(logits, targets, paired)
+        stats.update(logits, targets, paired, block_of[b * config.batch_size:b * config.batch_size + x.shape[0]])
         done += x.shape[0]
         if progress is not None:
             progress(candidate.name, done * world, len(data))
@@ -194,10 +201,13 @@ def rank_candidates(model: nn.Module, data: ImageSet, config: RankConfig, device
     group_size = effective_group_size(config.variance_group, len(data))
     extra_variance = variance_passes(config, len(data), group_size)
     keys = FIGURES + (AUTHORS_FIGURES if config.computes_authors else ())
-    results = []
+    jackknifed = [k for k in keys if k != "variance"]
+    results, leave_one_out = [], {}
     for name in config.augs:
-        candidate = Candidate(name, data.num_classes, crop_size)
+        candidate = Candidate(name, data.num_classes, crop_size, mix_group=config.mix_group)
         per_repeat: dict[str, list[float]] = {k: [] for k in keys}
+        jack_var: dict[str, list[float]] = {k: [] for k in jackknifed}
+        loo_scores: list[torch.Tensor] = []
         groups, seconds = [], 0.0
         for repeat in range(config.repeats):
             reference = None
@@ -209,6 +219,7 @@ def rank_candidates(model: nn.Module, data: ImageSet, config: RankConfig, device
             stats, elapsed = run_pass(runner, data, candidate, config, repeat, group_size, progress, reference)
             seconds += elapsed
             figures = stats.compute()
+            loo = stats.jackknife()
             for k in range(extra_variance):
                 more, elapsed = run_pass(runner, data, candidate, config,
                                          VARIANCE_STREAM + repeat * extra_variance + k, group_size, progress)
@@ -217,27 +228,36 @@ def rank_candidates(model: nn.Module, data: ImageSet, config: RankConfig, device
             if extra_variance:
                 merged = stats.compute()
                 figures["variance"], figures["variance_groups"] = merged["variance"], merged["variance_groups"]
-            figures["score"] = score(figures, config.score, config.cmi_weight)
-            figures["sample_score"] = score(figures, "sample", config.cmi_weight)
-            if config.computes_authors:
-                figures["authors_score"] = score(figures, "authors", config.cmi_weight)
+            for table in (figures, loo) if loo is not None else (figures,):
+                table["score"] = score(table, config.score, config.cmi_weight)
+                table["sample_score"] = score(table, "sample", config.cmi_weight)
+                if config.computes_authors:
+                    table["authors_score"] = score(table, "authors", config.cmi_weight)
             for key in keys:
                 per_repeat[key].append(figures[key])
+            if loo is not None:
+                for key in jackknifed:
+                    jack_var[key].append(jackknife_se(loo[key]) ** 2)
+                loo_scores.append(loo["score"])
             groups.append(int(figures["variance_groups"]))
         row: dict[str, Any] = {"name": name}
         for key in keys:
-            mean, se = summarize(per_repeat[key])
+            mean, spread_se = summarize(per_repeat[key])
             row[key] = None if math.isnan(mean) else mean
-            if config.repeats > 1:
-                row[key + "_se"] = se
+            if key in jackknifed:
+                row[key + "_se"] = combined_se(per_repeat[key], jack_var[key]) if jack_var[key] else None
+            elif config.repeats > 1:
+                row[key + "_se"] = spread_se
         row["variance_groups"] = min(groups)
         if config.repeats == 1:
             row["variance_se"] = variance_standard_error(row["variance"], row["variance_groups"])
         row["images_per_s"] = len(data) * config.repeats / seconds
         row["seconds"] = seconds
         results.append(row)
+        leave_one_out[name] = (per_repeat["score"], loo_scores)
     assign_ranks(results)
     selected = min(results, key=lambda r: r["rank"])["name"]
+    ranked = sorted(results, key=lambda r: r["rank"])
     return {
         "selected": selected,
         "split": None,
@@ -245,9 +265,68 @@ def rank_candidates(model: nn.Module, data: ImageSet, config: RankConfig, device
         "classes": data.num_classes,
         "variance_group": group_size,
         "config": asdict(config),
-        "candidates": sorted(results, key=lambda r: r["rank"]),
+        "candidates": ranked,
+        "stability": stability_verdict(ranked, leave_one_out),
         "controls": control_picks(results, config),
     }
+
+
+def combined_se(values: list[float], jackknife_variances: list[float]) -> float:
+    """Standard error of the mean of R passes from their jackknife variances and their spread.
+
+    One pass's jackknife variance v estimates the variance from both the images and the random
+    draws; the spread s^2 of R passes over the same images estimates the draws' part alone. The
+    mean of R passes keeps the images' part and divides the draws' part by R:
+    v - s^2 (1 - 1/R), and never less than s^2 / R, the draws' part of the mean.
+    """
+    v = sum(jackknife_variances) / len(jackknife_variances)
+    r = len(values)
+    if r < 2:
+        return math.sqrt(v)
+    mean = sum(values) / r
+    spread = sum((x - mean) ** 2 for x in values) / (r - 1)
+    return math.sqrt(max(v - spread * (1 - 1 / r), spread / r))
+
+
+Z_95 = 1.959964  # two-sided 95 %: a gap under 1.96 standard errors is a tie
+
+
+def stability_verdict(ranked: list[dict[str, Any]],
+                      leave_one_out: dict[str, tuple[list[float], list[torch.Tensor]]]) -> dict[str, Any] | None:
+    """How sure the selection is: each candidate's gap in score to the selected one, the gap's
+    standard error from the paired jackknife (the same blocks of images under every candidate of a
+    repeat), the probability that the selected candidate truly scores lower than the runner-up
+    (normal approximation, Phi(gap / se)), and the candidates tied with it (gap < 1.96 se).
+    None when the passes were too small for a jackknife (fewer than 2 images)."""
+    if len(ranked) < 2 or any(not loo for _, loo in leave_one_out.values()):
+        return None
+    top = ranked[0]["name"]
+    top_values, top_loo = leave_one_out[top]
+    tied = []
+    for row in ranked[1:]:
+        values, loo = leave_one_out[row["name"]]
+        gaps = [v - t for v, t in zip(values, top_values)]
+        gap_var = [jackknife_se(a - b) ** 2 for a, b in zip(loo, top_loo)]
+        gap, gap_se = sum(gaps) / len(gaps), combined_se(gaps, gap_var)
+        z = gap / gap_se if gap_se > 0 else math.inf
+        row.update(behind_selected=gap, behind_selected_se=gap_se)
+        if z < Z_95:
+            tied.append(row["name"])
+    runner_up = ranked[1]
+    z = runner_up["behind_selected"] / runner_up["behind_selected_se"] if runner_up["behind_selected_se"] else math.inf
+    probability = 0.5 * math.erfc(-z / math.sqrt(2))  # Phi(z)
+    separated = runner_up["name"] not in tied
+    gap_text = f"{runner_up['behind_selected']:.4f} ± {runner_up['behind_selected_se']:.4f}"
+    if separated:
+        text = (f"{top} is ahead of the runner-up {runner_up['name']} by {gap_text} in score "
+                f"(P(ahead) = {probability:.3f}); no candidate is tied with it at 95 %")
+    else:
+        text = (f"tie: {top} is ahead of the runner-up {runner_up['name']} by only {gap_text} in score "
+                f"(P(ahead) = {probability:.2f}); tied with it at 95 %: {', '.join(tied)}. More images "
+                "(a larger --limit-per-class) or --repeats would separate them")
+    return {"selected": top, "runner_up": runner_up["name"], "gap": runner_up["behind_selected"],
+            "gap_se": runner_up["behind_selected_se"], "probability_selected_ahead": probability,
+            "tied_with_selected": tied, "verdict": "separated" if separated else "tie", "text": text}
 
 
 def control_picks(rows: list[dict[str, Any]], config: RankConfig) -> dict[str, Any]:
