@@ -130,6 +130,8 @@ def test_sweep_end_to_end_and_resumes(tmp_path: Path, tiny_folder: Path, capsys:
     assert s["metric_pick"] == next(c["name"] for c in results["ranking"]["candidates"] if c["rank"] == 1)
     assert s["metric_correlation"]["n"] == 3 and results["controls"]["teacher_accuracy"]["n"] == 3
     assert results["gain"]["pick_vs_default"]["seeds"] == 1
+    assert all(r["score_se"] > 0 for r in results["candidates"] if r["candidate"])  # the ranking's jackknife
+    assert any(line.startswith("The ranking itself: ") for line in results["verdict"])
     assert (sweep / "scatter.png").stat().st_size > 10_000
     report = (sweep / "report.md").read_text()
     assert "## Picks" in report and "**Warning:** pick vs default rests on 1 seed(s)" in report

@@ -52,7 +52,8 @@ def ranking_figures(cand: dict[str, Any], cmi_weight: float, images: int | None,
     variance_se = cand.get("variance_se")
     if variance_se is None and cand.get("variance") is not None and groups:
         variance_se = variance_standard_error(cand["variance"], groups)
-    return {"score": cand["score"], "teacher_accuracy": cand["accuracy"], "centroid_ce": cand["centroid_ce"],
+    return {"score": cand["score"], "score_se": cand.get("score_se"), "teacher_accuracy": cand["accuracy"],
+            "centroid_ce": cand["centroid_ce"],
             "cmi": cand["cmi"], "ce": cand.get("ce"), "sample_score": sample, "variance": cand.get("variance"),
             "variance_groups": groups, "variance_se": variance_se, "authors_score": cand.get("authors_score")}
 
@@ -186,6 +187,8 @@ def analyze(ranking: dict[str, Any], runs: list[dict[str, Any]], candidates: lis
                 "score_vs_teacher_accuracy_spearman": agreement.spearman if agreement else None,
                 "score_vs_teacher_accuracy": _corr_dict(agreement)}
     analysis["verdict"], analysis["warnings"] = verdict_lines(analysis, picks)
+    if ranking.get("stability"):
+        analysis["verdict"].append(f"The ranking itself: {ranking['stability']['text']}.")
     return analysis
 
 
@@ -413,7 +416,8 @@ def report_markdown(analysis: dict[str, Any], meta: dict[str, Any]) -> str:
         if r["candidate"]:
             se = f" ± {r['variance_se']:.5f}" if r.get("variance_se") else ""
             groups = f" ({r['variance_groups']})" if r.get("variance_groups") else ""
-            figures = (f"{r['rank']} | {r['name']} | {_num(r['score'])} | {_num(r['centroid_ce'])} | {_num(r['cmi'])} | "
+            score_se = f" ± {r['score_se']:.4f}" if r.get("score_se") else ""
+            figures = (f"{r['rank']} | {r['name']} | {_num(r['score'])}{score_se} | {_num(r['centroid_ce'])} | {_num(r['cmi'])} | "
                        f"{_num(r['sample_score'])} | {_num(r['variance'], 5)}{se}{groups} | {r['variance_rank']} | "
                        f"{100 * r['teacher_accuracy']:.2f}%")
         else:
@@ -421,6 +425,7 @@ def report_markdown(analysis: dict[str, Any], meta: dict[str, Any]) -> str:
         lines.append(f"| {figures} | {r['top1']:.2f}%{std} | {r['best_top1']:.2f}% | {len(r['seeds'])} |")
     lines += ["", ("Student top-1 is the test top-1 after the last epoch (mean over seeds ± their standard deviation), "
                    "not the best epoch's, so no test-set selection enters the comparison. The variance's standard "
-                   "error is the normal-theory bound variance / sqrt(2 (groups - 1))."),
+                   "error is the normal-theory bound variance / sqrt(2 (groups - 1)); the score's (where the ranking has it)"
+                   " is the jackknife's over blocks of the ranking pass."),
               "", "![scatter](scatter.png)", ""]
     return "\n".join(lines)
