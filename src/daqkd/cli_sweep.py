@@ -205,11 +205,8 @@ class SweepOutputs:
         self.out, self.ranking, self.candidates, self.default = out, ranking, candidates, default
         self.config, self.meta = config, meta
 
-    def analyze(self, results: list[dict[str, Any]]) -> dict[str, Any]:
-        return analyze(self.ranking, results, self.candidates, self.default)
-
     def publish(self, results: list[dict[str, Any]], runs_total: int) -> dict[str, Any]:
-        analysis = self.analyze(results)
+        analysis = analyze(self.ranking, results, self.candidates, self.default)
         meta = {**self.meta, "runs_finished": len(results), "runs_total": runs_total,
                 "train_seconds": sum(r["train_seconds"] for r in results)}
         write_json_atomic(self.out / "results.json", {"config": self.config, "meta": meta, "ranking": self.ranking,
