@@ -112,12 +112,15 @@ class DAStatistics:
         if self.blocks:
             if block_ids is None:
                 raise ValueError("block_ids are needed when blocks > 0")
+            # the block list is read from the ids where they were made (the host, in rank), so a
+            # CUDA pass does not wait for the device once per batch
+            present_blocks = block_ids.unique().tolist()
             block_ids = block_ids.to(probs.device)
             self.block_count.index_add_(0, block_ids, torch.ones_like(per_sample[:, 0]))
             self.block_sums.index_add_(0, block_ids, per_sample)
             self.block_mass.index_add_(0, block_ids, soft)
             # blocks are contiguous runs of the pass, so a batch touches one or two of them
-            for block in block_ids.unique().tolist():
+            for block in present_blocks:
                 rows = block_ids == block
                 self.block_weighted[block] += soft[rows].T @ probs[rows]
         self.count += logits.shape[0]
