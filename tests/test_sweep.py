@@ -213,6 +213,16 @@ def test_sweep_jobs_trains_in_parallel_processes_with_the_same_results(tmp_path:
     assert main([*common, "--jobs", "0", "--out", str(tmp_path / "zero")]) == 2
 
 
+def test_sweep_bad_default_and_missing_teacher_give_one_line(tmp_path: Path, tiny_folder: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["sweep", "--data", str(tiny_folder), "--augs", "none+cutmix", "--out", str(tmp_path / "s")]
+    assert main([*base, "--teacher", str(tmp_path), "--default", "bogus"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown augmentation 'bogus'" in err[0]
+    assert main(base) == 2
+    assert "pass --teacher RUN" in capsys.readouterr().err
+
+
 def test_sweep_jobs_names_the_failed_run(tmp_path: Path, tiny_folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data, teacher = train_tiny_teacher(tmp_path, tiny_folder)
     capsys.readouterr()
