@@ -4,21 +4,27 @@ Ranking and training read every image many times (once per candidate DA, epoch o
 image is decoded once and kept as uint8 (CIFAR-10's 50,000 train images: 150 MB). Sources:
 
 - an ImageFolder root with ``train/`` and ``test/``, one folder per class (``--data DIR``);
+- a NumPy archive with Keras-style keys ``x_train``, ``y_train``, ``x_test``, ``y_test`` and an
+  optional ``classes`` (``--data FILE.npz``), read without unpickling;
 - CIFAR-10/100 through torchvision's downloaders (``--dataset cifar10|cifar100``), which need a
   network the first time.
 
-``limit_per_class`` keeps the first K images of each class in sorted file order.
+``limit_per_class`` keeps the first K images of each class in sorted file order (folders) or in
+array order (archives).
 """
 
 from __future__ import annotations
 
 import os
+import struct
 import warnings
+import zipfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_image, read_file
 
@@ -31,6 +37,8 @@ warnings.filterwarnings("ignore", message="The image decoding and encoding capab
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 TORCHVISION_DATASETS = ("cifar10", "cifar100")
+ARCHIVE_SUFFIX = ".npz"
+ARCHIVE_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
 
 @dataclass
@@ -170,13 +178,170 @@ def load_torchvision_dataset(name: str, root: str | Path, split: str = "train",
     return ImageSet(images, torch.tensor([targets[i] for i in keep]), list(ds.classes), f"{name}:{split}")
 
 
+def is_array_archive(data: str | Path) -> bool:
+    """True when ``--data`` names a NumPy archive rather than an ImageFolder root."""
+    return str(data).lower().endswith(ARCHIVE_SUFFIX)
+
+
+def load_array_archive(path: str | Path, split: str = "train", limit_per_class: int | None = None) -> ImageSet:
+    """Read one split of a NumPy ``.npz`` archive with Keras-style keys into RAM.
+
+    Keys: ``x_train``/``x_test`` uint8 images (N, H, W, C) with C = 3 (RGB) or 1, or (N, H, W)
+    (grayscale, both replicated to 3 channels as folders decode them); ``y_train``/``y_test``
+    integer labels (N,) or (N, 1) in 0..K-1; optional ``classes``, K names in label order (else
+    ``0``..``K-1`` with K = max(y_train) + 1). Every class needs at least one train image, so train
+    and test agree on K. Nothing is unpickled (``allow_pickle=False``); an uncompressed member
+    (``np.savez``) is memory-mapped, so ``limit_per_class`` reads only the images it keeps, a
+    compressed one (``np.savez_compressed``) is decompressed once. Raises DaqkdError naming the key
+    of any problem.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DaqkdError(f"--data {path} does not exist: pass a .npz archive with x_train, y_train, x_test, y_test")
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise DaqkdError(f"cannot read {path} as a NumPy .npz archive ({_first_line(exc)}): "
+                         "write it with np.savez or np.savez_compressed") from exc
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise DaqkdError(f"{path} holds a single array, not a .npz archive: save x_train, y_train, x_test, y_test "
+                         "with np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)")
+    with archive:
+        missing = [k for k in ARCHIVE_KEYS if k not in archive.files]
+        if missing:
+            raise DaqkdError(f"{path} has no key {missing[0]}: an array archive holds {', '.join(ARCHIVE_KEYS)} "
+                             "(and optionally classes), as np.savez(path, x_train=..., ...) writes them")
+        train_labels = _labels(_read_member(path, archive, "y_train"), "y_train")
+        classes = _class_names(path, archive, train_labels)
+        labels = train_labels if split == "train" else _labels(_read_member(path, archive, f"y_{split}"), f"y_{split}")
+        _check_label_range(labels, f"y_{split}", len(classes))
+        image_key = f"x_{split}"
+        images = _read_member(path, archive, image_key, mmap=True)
+        _check_images(images, image_key, len(labels), f"y_{split}")
+        keep = limit_indices(labels.tolist(), limit_per_class)
+        # fancy indexing copies only the kept images; a whole memmap is copied into RAM once
+        picked = images[keep] if len(keep) < len(labels) else (np.array(images) if isinstance(images, np.memmap) else images)
+    tensor = torch.from_numpy(np.ascontiguousarray(picked))
+    tensor = tensor.unsqueeze(-1) if tensor.ndim == 3 else tensor
+    tensor = tensor.permute(0, 3, 1, 2).expand(-1, 3, -1, -1).contiguous()
+    return ImageSet(tensor, torch.from_numpy(labels[keep].astype(np.int64)), classes, f"{path}:{split}")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def _read_member(path: Path, archive: np.lib.npyio.NpzFile, key: str, mmap: bool = False) -> np.ndarray:
+    """Array ``key`` of the archive: memory-mapped when stored uncompressed and ``mmap``, else read."""
+    try:
+        if mmap:
+            mapped = _memmap_member(path, archive.zip.getinfo(key + ".npy"))
+            if mapped is not None:
+                return mapped
+        return archive[key]
+    except ValueError as exc:
+        if "allow_pickle" in str(exc) or "Object arrays" in str(exc):
+            raise DaqkdError(f"{path}: {key} is an array of Python objects, which would need unpickling (daqkd "
+                             f"never unpickles data): store {key} as a numeric array") from exc
+        raise DaqkdError(f"{path}: cannot read {key} ({_first_line(exc)}): rewrite the archive with np.savez") from exc
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise DaqkdError(f"{path}: cannot read {key} ({_first_line(exc)}): is the file complete?") from exc
+
+
+def _memmap_member(path: Path, info: zipfile.ZipInfo) -> np.ndarray | None:
+    """A read-only memmap of an uncompressed ``.npy`` member of a zip file, or None if compressed.
+
+    numpy's ``mmap_mode`` ignores .npz archives, so the member's offset is found by hand: the zip
+    local file header (30 bytes, then the name and the extra field) precedes the .npy data.
+    """
+    if info.compress_type != zipfile.ZIP_STORED:
+        return None
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        header = f.read(30)
+        if len(header) != 30 or header[:4] != b"PK\x03\x04":
+            return None
+        name_length, extra_length = struct.unpack("<HH", header[26:30])
+        f.seek(info.header_offset + 30 + name_length + extra_length)
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(f)
+        offset = f.tell()
+    if dtype.hasobject:
+        raise ValueError("Object arrays cannot be loaded when allow_pickle=False")
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran_order else "C")
+
+
+def _labels(array: np.ndarray, key: str) -> np.ndarray:
+    """Integer labels as a 1-D int64 array; (N, 1) as Keras stores them is accepted."""
+    if array.ndim == 2 and array.shape[1] == 1:
+        array = array[:, 0]
+    if array.ndim != 1:
+        raise DaqkdError(f"{key} has shape {array.shape}: store one integer label per image, shape (N,)")
+    if array.dtype.kind not in "iu":
+        raise DaqkdError(f"{key} has dtype {array.dtype}: store integer class indices 0..K-1 (e.g. .astype(np.int64))")
+    if len(array) == 0:
+        raise DaqkdError(f"{key} is empty: the archive needs images in both splits")
+    return np.asarray(array, dtype=np.int64)
+
+
+def _class_names(path: Path, archive: np.lib.npyio.NpzFile, train_labels: np.ndarray) -> list[str]:
+    """The ``classes`` key as strings, else ``0..K-1``; every class must have train images."""
+    if int(train_labels.min()) < 0:
+        raise DaqkdError(f"y_train has label {int(train_labels.min())}: labels are class indices 0..K-1")
+    if "classes" in archive.files:
+        names = _read_member(path, archive, "classes")
+        if names.ndim != 1 or names.dtype.kind not in "US" or len(names) == 0:
+            raise DaqkdError(f"classes has shape {names.shape} and dtype {names.dtype}: store the K class names "
+                             "in label order as a 1-D string array (np.array(['apple', ...]))")
+        classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names.tolist()]
+        if len(set(classes)) != len(classes):
+            duplicate = next(n for n in classes if classes.count(n) > 1)
+            raise DaqkdError(f"classes names {duplicate!r} twice: class names must be unique")
+    else:
+        classes = [str(k) for k in range(int(train_labels.max()) + 1)]
+    _check_label_range(train_labels, "y_train", len(classes))
+    counts = np.bincount(train_labels, minlength=len(classes))
+    if (counts == 0).any():
+        empty = int(np.flatnonzero(counts == 0)[0])
+        raise DaqkdError(f"y_train has no images of class {empty} ({classes[empty]}): every class needs train images; "
+                         "drop the class from classes and renumber the labels")
+    return classes
+
+
+def _check_label_range(labels: np.ndarray, key: str, num_classes: int) -> None:
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= num_classes:
+        bad = low if low < 0 else high
+        raise DaqkdError(f"{key} has label {bad} but there are {num_classes} classes: labels must lie in "
+                         f"0..{num_classes - 1} (one name per class in classes)")
+
+
+def _check_images(images: np.ndarray, key: str, count: int, label_key: str) -> None:
+    if images.dtype != np.uint8:
+        raise DaqkdError(f"{key} has dtype {images.dtype}: store uint8 pixels 0..255 "
+                         "(from [0, 1] floats: (x * 255).round().astype(np.uint8))")
+    if images.ndim == 4 and images.shape[-1] not in (1, 3) and images.shape[1] in (1, 3):
+        raise DaqkdError(f"{key} has shape {images.shape}, channels first: store N x H x W x C "
+                         "(x.transpose(0, 2, 3, 1))")
+    if not (images.ndim == 3 or (images.ndim == 4 and images.shape[-1] in (1, 3))):
+        raise DaqkdError(f"{key} has shape {images.shape}: store images as N x H x W x 3 (RGB) or N x H x W (gray)")
+    if images.shape[0] != count:
+        raise DaqkdError(f"{key} holds {images.shape[0]} images but {label_key} has {count} labels: "
+                         "they must pair up one to one")
+
+
 def load_data(data: str | None, dataset: str | None, split: str = "train",
               limit_per_class: int | None = None, download_root: str | Path = "~/.cache/daqkd") -> ImageSet:
     """Dispatch on the CLI's ``--data`` / ``--dataset`` options (exactly one must be given)."""
     if split not in ("train", "test"):
         raise DaqkdError(f"unknown --split {split!r}: use train or test")
     if (data is None) == (dataset is None):
-        raise DaqkdError("pass exactly one of --data DIR (an ImageFolder root) or --dataset cifar10|cifar100")
+        raise DaqkdError("pass exactly one of --data DIR (an ImageFolder root), --data FILE.npz (an array archive) "
+                         "or --dataset cifar10|cifar100")
+    if data is not None and is_array_archive(data):
+        return load_array_archive(data, split, limit_per_class)
     if data is not None:
         return load_image_folder(data, split, limit_per_class)
     return load_torchvision_dataset(dataset, Path(download_root).expanduser(), split, limit_per_class)

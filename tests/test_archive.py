@@ -1,0 +1,121 @@
+"""NumPy array archives as data (``--data FILE.npz``): layout, limits, memory-mapping, bad archives."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from daqkd.cli import main
+from daqkd.data import _read_member, load_array_archive, load_data
+
+
+def make_archive(path: Path, num_classes: int = 3, train_per_class: int = 6, test_per_class: int = 2,
+                 size: int = 8, compressed: bool = True, **overrides: object) -> Path:
+    """A tiny archive with Keras keys; labels interleaved (0, 1, 2, 0, 1, 2, ...) so that array order
+    differs from class order; each image's pixels encode (split, index) for identification."""
+    arrays: dict[str, object] = {}
+    for split, per_class in (("train", train_per_class), ("test", test_per_class)):
+        count = num_classes * per_class
+        labels = np.arange(count) % num_classes
+        images = np.zeros((count, size, size, 3), dtype=np.uint8)
+        images[:, 0, 0, 0] = np.arange(count)
+        images[:, 0, 0, 1] = 0 if split == "train" else 1
+        images[:, 1:, :, :] = (labels * 60 + 20)[:, None, None, None]
+        arrays[f"x_{split}"], arrays[f"y_{split}"] = images, labels
+    arrays["classes"] = np.array([f"c{k}" for k in range(num_classes)])
+    arrays.update(overrides)
+    arrays = {k: v for k, v in arrays.items() if v is not None}
+    (np.savez_compressed if compressed else np.savez)(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize("compressed", [True, False])
+def test_archive_layout_labels_and_limit(tmp_path: Path, compressed: bool) -> None:
+    archive = make_archive(tmp_path / "d.npz", compressed=compressed)
+    train = load_data(str(archive), None, "train")
+    assert train.classes == ["c0", "c1", "c2"] and train.source == f"{archive}:train"
+    assert train.images.dtype == torch.uint8 and train.images.shape == (18, 3, 8, 8)
+    assert train.labels.tolist() == [0, 1, 2] * 6
+    # HWC -> CHW: channel 0 of pixel (0, 0) holds the index, channel 1 the split
+    assert train.images[:, 0, 0, 0].tolist() == list(range(18)) and train.images[:, 1, 0, 0].eq(0).all()
+    test = load_data(str(archive), None, "test")
+    assert len(test) == 6 and test.images[:, 1, 0, 0].eq(1).all() and test.classes == train.classes
+    # the first K of each class in array order
+    limited = load_array_archive(archive, "train", limit_per_class=2)
+    assert limited.labels.tolist() == [0, 1, 2, 0, 1, 2]
+    assert limited.images[:, 0, 0, 0].tolist() == [0, 1, 2, 3, 4, 5]
+
+
+def test_stored_members_are_memory_mapped_and_equal_compressed(tmp_path: Path) -> None:
+    stored = make_archive(tmp_path / "s.npz", compressed=False)
+    packed = make_archive(tmp_path / "p.npz", compressed=True)
+    with np.load(stored, allow_pickle=False) as archive:
+        assert isinstance(_read_member(stored, archive, "x_train", mmap=True), np.memmap)
+    with np.load(packed, allow_pickle=False) as archive:
+        assert not isinstance(_read_member(packed, archive, "x_train", mmap=True), np.memmap)
+    for split in ("train", "test"):
+        a, b = load_array_archive(stored, split, 4), load_array_archive(packed, split, 4)
+        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+
+
+def test_gray_images_keras_label_shape_and_default_class_names(tmp_path: Path) -> None:
+    gray = np.arange(4 * 5 * 5, dtype=np.uint8).reshape(4, 5, 5)
+    labels = np.array([[0], [1], [1], [0]], dtype=np.uint8)  # keras.datasets stores (N, 1)
+    np.savez(tmp_path / "g.npz", x_train=gray, y_train=labels, x_test=gray[:2], y_test=labels[:2])
+    data = load_array_archive(tmp_path / "g.npz", "train")
+    assert data.classes == ["0", "1"] and data.labels.tolist() == [0, 1, 1, 0]
+    assert data.images.shape == (4, 3, 5, 5)
+    for channel in range(3):
+        assert torch.equal(data.images[:, channel], torch.from_numpy(gray))
+
+
+def _images(count: int, size: int = 8) -> np.ndarray:
+    return np.zeros((count, size, size, 3), dtype=np.uint8)
+
+
+BAD_ARCHIVES = [
+    ({"x_test": None}, "has no key x_test"),
+    ({"y_train": None}, "has no key y_train"),
+    ({"x_train": np.zeros((18, 8, 8, 3), dtype=np.float32)}, "x_train has dtype float32"),
+    ({"x_train": np.zeros((18, 3, 8, 8), dtype=np.uint8)}, "x_train has shape (18, 3, 8, 8), channels first"),
+    ({"x_test": np.zeros((6, 8, 8, 4), dtype=np.uint8)}, "x_test has shape (6, 8, 8, 4)"),
+    ({"x_test": _images(5)}, "x_test holds 5 images but y_test has 6 labels"),
+    ({"y_train": np.arange(18) % 3 + 0.0}, "y_train has dtype float64"),
+    ({"y_train": np.zeros((18, 2), dtype=np.int64)}, "y_train has shape (18, 2)"),
+    ({"y_test": np.array([0, 1, 2, 3, 0, 1])}, "y_test has label 3 but there are 3 classes"),
+    ({"y_test": np.array([0, 1, 2, -1, 0, 1])}, "y_test has label -1"),
+    ({"y_train": np.arange(18) % 3 - 1}, "y_train has label -1"),
+    ({"classes": np.array(["a", "b"])}, "y_train has label 2 but there are 2 classes"),
+    ({"classes": np.array(["a", "b", "c", "d"])}, "y_train has no images of class 3 (d)"),
+    ({"y_train": np.arange(18) % 3 * 2, "classes": None}, "y_train has no images of class 1 (1)"),
+    ({"classes": np.array(["a", "a", "b"])}, "classes names 'a' twice"),
+    ({"classes": np.array([1, 2, 3])}, "classes has shape (3,) and dtype int64"),
+    ({"classes": np.array(["a", None, "c"], dtype=object)}, "classes is an array of Python objects"),
+    ({"y_test": np.array([0, 1, 2, 0, 1, 2], dtype=object)}, "y_test is an array of Python objects"),
+]
+
+
+@pytest.mark.parametrize("compressed", [True, False])
+@pytest.mark.parametrize("overrides,message", BAD_ARCHIVES, ids=[m for _, m in BAD_ARCHIVES])
+def test_bad_archives_end_in_one_line_naming_the_key(overrides: dict, message: str, compressed: bool, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    archive = make_archive(tmp_path / "bad.npz", compressed=compressed, **overrides)
+    split = "test" if any("test" in k for k in overrides) else "train"
+    assert main(["eval", str(tmp_path / "no-such-run"), "--data", str(archive), "--split", split]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("daqkd: error: ") and message in err[0], err
+
+
+def test_files_that_are_not_archives(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "junk.npz").write_bytes(b"PK\x03\x04 torn")
+    with open(tmp_path / "single.npz", "wb") as f:
+        np.save(f, _images(2))
+    cases = [(tmp_path / "junk.npz", "cannot read"), (tmp_path / "single.npz", "holds a single array"),
+             (tmp_path / "missing.npz", "does not exist")]
+    for path, message in cases:
+        assert main(["eval", str(tmp_path / "run"), "--data", str(path)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
