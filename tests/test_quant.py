@@ -10,7 +10,7 @@ import torch
 import torchvision
 from torch import nn
 
-from daqkd.checkpoint import load_classifier
+from daqkd.checkpoint import load_model
 from daqkd.data import load_image_folder
 from daqkd.errors import DaqkdError
 from daqkd.models import create_model
@@ -230,6 +230,16 @@ def test_quantize_model_policies_and_shapes() -> None:
     same = quantize_model(create_model("resnet20", 10), QuantConfig("dorefa", 2, 2, first_last="same"))
     assert same.conv1.weight_quantizer.bits == 2 and isinstance(same.linear, QuantLinear)
     assert len(quantized_layers(same)) == 20  # 19 convs + the linear head; shortcuts have no parameters
+    # option B: the two 1x1 shortcut convolutions are quantized like the others; --first-last
+    # covers only the stem and the head
+    b = quantize_model(create_model("resnet20b", 10), QuantConfig("ewgs", 3, 4, first_last=8))
+    assert len(quantized_layers(b)) == 22
+    assert b.conv1.weight_quantizer.bits == 8 and b.fc.weight_quantizer.bits == 8
+    for stage in (b.layer2, b.layer3):
+        shortcut = stage[0].downsample[0]
+        assert (shortcut.weight_quantizer.bits, shortcut.act_quantizer.bits) == (3, 4)
+    b.eval()
+    assert b(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
 @pytest.mark.parametrize("bad,message", [
@@ -276,7 +286,7 @@ def test_w8a8_resnet20_keeps_fp_accuracy(method: str, init: str, shared_cifar10:
     PACT clips at alpha = 10), so a pretrained model needs training before it works again; the
     tests above pin their formulas instead."""
     data = load_image_folder(shared_cifar10, "test", limit_per_class=100)
-    model, _ = load_classifier(shared_resnet20, "resnet20", 10, "imagenet")
+    model, _ = load_model(shared_resnet20, arch="resnet20", normalize="imagenet", num_classes=10)
     model.eval()
     with torch.no_grad():
         fp_pred = model(data.images).argmax(1)

@@ -27,15 +27,24 @@ class Normalization:
         return ",".join(map(repr, self.mean)) + ":" + ",".join(map(repr, self.std))
 
 
+# Published weights only work with the statistics they were trained with, which differ in the third
+# or fourth decimal between code bases; each set is named after whose it is.
 NAMED_NORMALIZATIONS: dict[str, Normalization] = {
+    # The train splits' own statistics (CIFAR-100 measured on ../shared/data/cifar100/cifar100.npz).
     "cifar10": Normalization((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": Normalization((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    # torchvision's ImageNet statistics; the akamaster CIFAR-10 ResNets (../shared/weights/cifar10) use them.
     "imagenet": Normalization((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    # chenyaofo/pytorch-cifar-models, whose CIFAR-100 ResNet-56 is ../shared/weights/cifar100.
+    "cifar100-chenyaofo": Normalization((0.5070, 0.4865, 0.4409), (0.2673, 0.2564, 0.2761)),
+    # The CIFAR-100 loader of RepDistiller (Tian et al., CRD, ICLR 2020), which the DAQKD authors'
+    # training code builds on.
+    "cifar100-authors": Normalization((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
 }
 
 
 def parse_normalization(spec: str) -> Normalization:
-    """Read ``cifar10``, ``cifar100``, ``imagenet`` or ``m1,m2,m3:s1,s2,s3``."""
+    """Read a name in NAMED_NORMALIZATIONS or ``m1,m2,m3:s1,s2,s3``."""
     if spec in NAMED_NORMALIZATIONS:
         return NAMED_NORMALIZATIONS[spec]
     try:

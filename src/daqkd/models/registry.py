@@ -1,6 +1,7 @@
 """Models by name.
 
-Our 32x32 models (``resnet20/32/44/56/110``, ``vgg8/11/13``, ``mobilenetv2``) come first; any other
+Our 32x32 models (``resnet20/32/44/56/110`` with option-A shortcuts, ``resnet20b/32b/44b/56b/110b``
+with option-B shortcuts, ``vgg8/11/13``, ``mobilenetv2``) come first; any other
 name is looked up among torchvision's classification models (``resnet18``, ``mobilenet_v3_small``,
 ...), built without pretrained weights for the data set's class count.
 """
@@ -19,9 +20,11 @@ from .resnet_cifar import CifarResNet
 from .vgg_cifar import CifarVGG
 
 ModelFactory = Callable[[int], nn.Module]
+CIFAR_RESNET_DEPTHS = (20, 32, 44, 56, 110)
 
 CIFAR_MODELS: dict[str, ModelFactory] = {
-    **{f"resnet{d}": partial(CifarResNet, d) for d in (20, 32, 44, 56, 110)},
+    **{f"resnet{d}": partial(CifarResNet, d) for d in CIFAR_RESNET_DEPTHS},
+    **{f"resnet{d}b": partial(CifarResNet, d, shortcut="B") for d in CIFAR_RESNET_DEPTHS},
     **{f"vgg{d}": partial(CifarVGG, d) for d in (8, 11, 13)},
     "mobilenetv2": cifar_mobilenet_v2,
 }
