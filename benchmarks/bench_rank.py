@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from daqkd.augment import PAPER_CANDIDATES, Candidate
-from daqkd.checkpoint import load_classifier
+from daqkd.checkpoint import load_model
 from daqkd.data import load_image_folder
 from daqkd.rank import RankConfig, TeacherRunner, rank_candidates
 from daqkd.runtime import mix_seed, select_device
@@ -84,7 +84,7 @@ def main() -> None:
     t0 = time.perf_counter()
     data = load_image_folder(DATA, "train", args.limit_per_class)
     decode_s = time.perf_counter() - t0
-    model, _ = load_classifier(WEIGHTS, "resnet20", 10, "imagenet")
+    model, _ = load_model(WEIGHTS, arch="resnet20", normalize="imagenet", num_classes=10)
     compiled = args.compile == "on"
     runner = TeacherRunner(model, device, args.batch_size, compiled)
     t0 = time.perf_counter()

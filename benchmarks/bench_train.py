@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from daqkd.augment import Candidate
-from daqkd.checkpoint import load_classifier
+from daqkd.checkpoint import load_model
 from daqkd.data import load_image_folder
 from daqkd.distill import create_loss
 from daqkd.quant import QuantConfig, quantize_model
@@ -55,10 +55,10 @@ def main() -> None:
     seconds = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in ("fp", "student"):
-            model, info = load_classifier(WEIGHTS, "resnet20", 10, "imagenet")
+            model, info = load_model(WEIGHTS, arch="resnet20", normalize="imagenet", num_classes=10)
             teacher = None
             if name == "student":
-                teacher, _ = load_classifier(WEIGHTS, "resnet20", 10, "imagenet")
+                teacher, _ = load_model(WEIGHTS, arch="resnet20", normalize="imagenet", num_classes=10)
                 quantize_model(model.model, QuantConfig("ewgs", 2, 2))
             trainer = Trainer(model, create_loss("kd" if teacher is not None else "none"), train, test, config,
                               Path(tmp) / name, device, info, teacher=teacher, progress=False)

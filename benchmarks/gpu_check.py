@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from daqkd.augment import Candidate, parse_candidates
-from daqkd.checkpoint import load_run_model
+from daqkd.checkpoint import load_model
 from daqkd.data import load_data
 from daqkd.metric import DAStatistics
 from daqkd.quant import QuantConfig, Quantizer, kernels, quantize_model
@@ -76,7 +76,7 @@ def check_quantizers(device: torch.device, teacher: str, x: torch.Tensor, y: tor
     torch.backends.cuda.matmul.allow_tf32 = False
     for method in METHODS:
         torch.manual_seed(0)
-        model, _ = load_run_model(teacher, 10)
+        model, _ = load_model(teacher, num_classes=10)
         quantize_model(model.model, QuantConfig(method=method, w_bits=3, a_bits=3))
         kernels.set_fused_kernels("0")
         model.eval()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from daqkd.checkpoint import load_classifier
+from daqkd.checkpoint import load_model
 from daqkd.data import load_image_folder
 from daqkd.rank import RankConfig, TeacherRunner, rank_candidates
 
@@ -32,7 +32,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     data = load_image_folder(DATA, "train", args.limit_per_class)
-    model, _ = load_classifier(WEIGHTS, "resnet20", 10, "imagenet")
+    model, _ = load_model(WEIGHTS, arch="resnet20", normalize="imagenet", num_classes=10)
     device = torch.device("cpu")
     runner = TeacherRunner(model, device, 256, False)
     figures = {}

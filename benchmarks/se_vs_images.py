@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from daqkd.checkpoint import load_classifier
+from daqkd.checkpoint import load_model
 from daqkd.data import load_image_folder
 from daqkd.rank import RankConfig, TeacherRunner, rank_candidates
 
@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="10,20,50,100,200")
     parser.add_argument("--augs", default="none,autoaugment-cifar10,randaugment,none+cutmix")
     args = parser.parse_args()
-    model, _ = load_classifier(WEIGHTS, "resnet20", 10, "imagenet")
+    model, _ = load_model(WEIGHTS, arch="resnet20", normalize="imagenet", num_classes=10)
     device = torch.device("cpu")
     runner = TeacherRunner(model, device, 256, False)
     figures = {}

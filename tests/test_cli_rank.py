@@ -146,7 +146,7 @@ def test_identity_accuracy_matches_plain_evaluation(shared_cifar10: Path, shared
 
 @pytest.mark.parametrize("extra,message", [
     (["--augs", "none,autoaugment"], "unknown augmentation 'autoaugment'"),
-    (["--arch", "resnet21"], "unknown --arch 'resnet21'"),
+    (["--arch", "resnet21"], "is a resnet20 checkpoint, not --arch resnet21"),
     (["--normalize", "imagenett"], "bad --normalize"),
     (["--repeats", "0"], "--repeats must be at least 1"),
     (["--mix-group", "-1"], "--mix-group must be at least 0"),

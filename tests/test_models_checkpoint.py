@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 from pathlib import Path
 
 import pytest
 import torch
 
-from daqkd.checkpoint import load_classifier, read_checkpoint, save_checkpoint
+from daqkd.checkpoint import load_model, read_checkpoint, save_checkpoint
 from daqkd.errors import DaqkdError
 from daqkd.models import NormalizedModel, create_model, parse_normalization
 
 
 @pytest.mark.parametrize("arch,params", [("resnet20", 0.27), ("resnet32", 0.46), ("resnet56", 0.85),
+                                         ("resnet20b", 0.27), ("resnet110b", 1.73),
                                          ("vgg8", None), ("vgg13", None), ("mobilenetv2", None)])
 def test_cifar_models(arch: str, params: float | None) -> None:
     model = create_model(arch, 10).eval()
@@ -44,7 +46,7 @@ def test_normalization_parsing_and_wrapper() -> None:
 def test_shared_weights_load_as_published(shared_resnet20: Path) -> None:
     state, meta = read_checkpoint(shared_resnet20)
     assert meta == {} and not any(k.startswith("module.") for k in state)
-    model, info = load_classifier(shared_resnet20, "resnet20", 10, "imagenet")
+    model, info = load_model(shared_resnet20, arch="resnet20", normalize="imagenet", num_classes=10)
     assert info["arch"] == "resnet20"
     assert torch.equal(model.model.linear.weight, state["linear.weight"])
 
@@ -53,10 +55,10 @@ def test_nested_prefixed_and_safetensors_roundtrip(tmp_path: Path) -> None:
     model = create_model("resnet20", 3)
     nested = {"model": {"module." + k: v for k, v in model.state_dict().items()}, "epoch": 3}
     torch.save(nested, tmp_path / "nested.pt")
-    loaded, _ = load_classifier(tmp_path / "nested.pt", "resnet20", 3, "cifar10")
+    loaded, _ = load_model(tmp_path / "nested.pt", arch="resnet20", normalize="cifar10", num_classes=3)
     assert torch.equal(loaded.model.conv1.weight, model.conv1.weight)
     save_checkpoint(tmp_path / "m.safetensors", model, {"arch": "resnet20", "normalize": "cifar100"})
-    loaded, info = load_classifier(tmp_path / "m.safetensors", None, 3, None)  # arch, norm from metadata
+    loaded, info = load_model(tmp_path / "m.safetensors", arch=None, normalize=None, num_classes=3)  # arch, norm from metadata
     assert info["normalize"] == parse_normalization("cifar100").spec()
     assert torch.equal(loaded.model.linear.bias, model.linear.bias)
     assert not list(tmp_path.glob("*.tmp"))
@@ -76,10 +78,86 @@ def test_checkpoint_errors(tmp_path: Path, shared_resnet20: Path) -> None:
     with pytest.raises(DaqkdError, match="weights-only"):
         read_checkpoint(tmp_path / "code.pt")
     with pytest.raises(DaqkdError, match="has 10 classes but the data has 100"):
-        load_classifier(shared_resnet20, "resnet20", 100, "imagenet")
+        load_model(shared_resnet20, arch="resnet20", normalize="imagenet", num_classes=100)
     with pytest.raises(DaqkdError, match="does not fit --arch resnet32: keys .* missing"):
-        load_classifier(shared_resnet20, "resnet32", 10, "imagenet")
+        load_model(shared_resnet20, arch="resnet32", normalize="imagenet", num_classes=10)
     with pytest.raises(DaqkdError, match="pass --normalize"):
-        load_classifier(shared_resnet20, "resnet20", 10, None)
+        load_model(shared_resnet20, arch="resnet20", normalize=None, num_classes=10)
     with pytest.raises(DaqkdError, match="pass --arch"):
-        load_classifier(shared_resnet20, None, 10, "imagenet")
+        load_model(shared_resnet20, arch=None, normalize="imagenet", num_classes=10)
+
+
+def test_option_b_layout() -> None:
+    model = create_model("resnet20b", 10)
+    convs = {n: tuple(m.weight.shape) for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    # 1x1 stride-2 shortcuts where the shape changes (first block of stages 2 and 3) and nowhere else
+    assert {n: s for n, s in convs.items() if "downsample" in n} == {
+        "layer2.0.downsample.0": (32, 16, 1, 1), "layer3.0.downsample.0": (64, 32, 1, 1)}
+    assert model.layer2[0].downsample[0].stride == (2, 2)
+    assert isinstance(model.layer2[0].downsample[1], torch.nn.BatchNorm2d)
+    assert isinstance(model.layer2[1].downsample, torch.nn.Identity) and model.head is model.fc
+    assert not any("downsample" in k or "shortcut" in k for k in create_model("resnet20", 10).state_dict())
+    # the shortcut is applied: zeroing the 1x1 weights changes the output
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    before = model(x)
+    with torch.no_grad():
+        model.layer2[0].downsample[0].weight.zero_()
+    assert not torch.allclose(before, model(x))
+
+
+def test_published_weights_go_through_every_command(tmp_path: Path, tiny_folder: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """A plain state dict (no daqkd metadata) is evaluated, ranked with, fine-tuned from and distilled
+    from once --arch and --normalize say what it is."""
+    from daqkd.cli import main
+    from daqkd.data import load_image_folder
+
+    torch.manual_seed(0)
+    published = create_model("resnet20b", 3).eval()
+    torch.save({"state_dict": {"module." + k: v for k, v in published.state_dict().items()}}, tmp_path / "pub.pth")
+    data = ["--data", str(tiny_folder)]
+    foreign = ["--arch", "resnet20b", "--normalize", "cifar100-chenyaofo"]
+    assert main(["eval", str(tmp_path / "pub.pth"), *data, *foreign, "--out", str(tmp_path / "e.json")]) == 0
+    report = json.loads((tmp_path / "e.json").read_text())
+    test = load_image_folder(tiny_folder, "test")
+    mean = torch.tensor([0.5070, 0.4865, 0.4409]).view(1, 3, 1, 1)
+    std = torch.tensor([0.2673, 0.2564, 0.2761]).view(1, 3, 1, 1)
+    with torch.no_grad():  # naive reference: normalize by hand, run the bare model
+        predicted = published((test.images.float() / 255 - mean) / std).argmax(1)
+    assert report["top1"] == pytest.approx(100 * float((predicted == test.labels).float().mean()))
+    assert report["arch"] == "resnet20b" and report["w_bits"] == 32
+
+    assert main(["rank", *data, "--weights", str(tmp_path / "pub.pth"), *foreign, "--augs", "none,randaugment",
+                 "--no-progress", "--out", str(tmp_path / "r.json")]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["teacher"]["arch"] == "resnet20b"
+
+    assert main(["teacher", *data, "--init", str(tmp_path / "pub.pth"), *foreign, "--epochs", "1",
+                 "--batch-size", "12", "--out", str(tmp_path / "t"), "--no-progress"]) == 0
+    assert main(["train", *data, "--teacher", str(tmp_path / "pub.pth"), *foreign, "--aug", "none", "--w-bits", "4",
+                 "--a-bits", "4", "--epochs", "1", "--batch-size", "12", "--out", str(tmp_path / "s"),
+                 "--no-progress"]) == 0
+    student = json.loads((tmp_path / "s" / "config.json").read_text())["args"]
+    assert student["normalize"] == "cifar100-chenyaofo"
+    from daqkd.checkpoint import load_model as load
+    model, info = load(tmp_path / "s", num_classes=3)
+    assert info["arch"] == "resnet20b" and info["quant"]["w_bits"] == 4
+    assert info["normalize"] == parse_normalization("cifar100-chenyaofo").spec()
+    assert model.model.layer2[0].downsample[0].weight_quantizer.bits == 4  # the 1x1 shortcut is quantized
+    capsys.readouterr()
+
+    # a daqkd checkpoint knows its architecture and statistics: contradicting them is an error
+    for extra, message in ((["--arch", "resnet20"], "is a resnet20b checkpoint, not --arch resnet20"),
+                           (["--normalize", "imagenet"], "not --normalize imagenet")):
+        assert main(["eval", str(tmp_path / "t"), *data, *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    assert main(["eval", str(tmp_path / "pub.pth"), *data, "--arch", "resnet20", "--normalize", "cifar10"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--arch resnet20b fits them" in err[0], err
+
+
+def test_named_normalizations_say_whose_they_are() -> None:
+    assert parse_normalization("cifar100-chenyaofo").mean == (0.5070, 0.4865, 0.4409)
+    assert parse_normalization("cifar100-chenyaofo").std == (0.2673, 0.2564, 0.2761)
+    assert parse_normalization("cifar100-authors") == parse_normalization("0.5071,0.4867,0.4408:0.2675,0.2565,0.2761")

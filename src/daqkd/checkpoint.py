@@ -28,7 +28,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     """(state dict with bare keys, daqkd metadata or {}) from a checkpoint file."""
     path = Path(path)
     if not path.is_file():
-        raise DaqkdError(f"checkpoint {path} does not exist: pass --weights an existing file")
+        raise DaqkdError(f"checkpoint {path} does not exist: pass an existing run directory or weights file")
     if path.suffix == ".safetensors":
         try:
             state = load_file(str(path))
@@ -67,10 +67,9 @@ def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], pat
             parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
-        raise DaqkdError(
-            f"checkpoint {path} does not fit --arch {arch}: keys {'; '.join(parts)}; "
-            "pass the --arch the weights were trained with"
-        )
+        fits = fitting_architectures(state)
+        hint = f"--arch {' or '.join(fits)} fits them" if fits else "pass the --arch the weights were trained with"
+        raise DaqkdError(f"checkpoint {path} does not fit --arch {arch}: keys {'; '.join(parts)}; {hint}")
     for key, value in own.items():
         if key in state and state[key].shape != value.shape:
             if value.ndim >= 1 and key == _head_key(own) and state[key].shape[1:] == value.shape[1:]:
@@ -83,6 +82,26 @@ def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], pat
                 f"{tuple(state[key].shape)}, the model wants {tuple(value.shape)}"
             )
     model.load_state_dict(state)
+
+
+def fitting_architectures(state: dict[str, torch.Tensor]) -> list[str]:
+    """The 32x32 models (by name) whose state dict has exactly these keys and shapes, for error hints.
+
+    Only the CIFAR registry is tried: its models are small enough to build on an error path.
+    """
+    from .models.registry import CIFAR_MODELS
+
+    head = _head_key(state)
+    if not head:
+        return []
+    num_classes = int(state[head].shape[0])
+    fits = []
+    for name, factory in CIFAR_MODELS.items():
+        own = factory(num_classes).state_dict()
+        keys = {k for k in own if not k.endswith("num_batches_tracked")}
+        if keys <= state.keys() <= own.keys() and all(state[k].shape == own[k].shape for k in keys):
+            fits.append(name)
+    return fits
 
 
 def _head_key(state: dict[str, torch.Tensor]) -> str:
@@ -120,33 +139,6 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
-def load_classifier(weights: str | Path, arch: str | None, num_classes: int,
-                    normalize: str | None) -> tuple[nn.Module, dict[str, Any]]:
-    """A model that takes uint8 images: ``arch`` built for ``num_classes``, loaded from ``weights``,
-    wrapped with its input normalization.
-
-    ``arch`` and ``normalize`` may come from the checkpoint's metadata (the project's own
-    checkpoints); given explicitly they win. Returns (model, description for reports).
-    """
-    from .models import NormalizedModel, create_model, parse_normalization
-
-    state, meta = read_checkpoint(weights)
-    arch = arch or meta.get("arch")
-    if arch is None:
-        raise DaqkdError(f"{weights} does not say its architecture: pass --arch (e.g. resnet20)")
-    normalize = normalize or meta.get("normalize")
-    if normalize is None:
-        raise DaqkdError(
-            f"{weights} does not say how its inputs were normalized: pass --normalize "
-            "cifar10|cifar100|imagenet|m1,m2,m3:s1,s2,s3 (the shared CIFAR ResNets use imagenet)"
-        )
-    norm = parse_normalization(normalize)
-    model = create_model(arch, num_classes)
-    load_state_dict_strict(model, state, weights, arch)
-    info = {"arch": arch, "weights": str(weights), "normalize": norm.spec()}
-    return NormalizedModel(model, norm), info
-
-
 def resolve_checkpoint(path: str | Path) -> Path:
     """A run directory means its best checkpoint (model.safetensors); a file is itself."""
     path = Path(path)
@@ -158,22 +150,59 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def load_run_model(path: str | Path, num_classes: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a daqkd checkpoint (FP or quantized) as a model taking uint8 images; (model, metadata)."""
-    from .models import NormalizedModel, create_model, parse_normalization
+def load_model(path: str | Path, *, arch: str | None = None, normalize: str | None = None,
+               num_classes: int | None = None, fallback_arch: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Any classifier checkpoint as a model that takes uint8 images (a NormalizedModel).
+
+    ``path`` is a daqkd run directory or checkpoint (FP or quantized: architecture, normalization,
+    classes and quantization come from its metadata; ``arch``/``normalize``, if given, must agree
+    with them), or a published weights file without daqkd metadata (.th/.pt/.pth/.safetensors),
+    which needs ``arch`` (else ``fallback_arch``) and ``normalize``. ``num_classes`` (the data's)
+    sizes a foreign model's head and is checked against a daqkd checkpoint's.
+
+    Returns (model, info): info holds ``arch``, ``normalize`` (the m,m,m:s,s,s spec),
+    ``num_classes``, ``quant`` (a QuantConfig dict or None), ``classes`` (names or None),
+    ``weights`` (the file read) and ``foreign`` (True without daqkd metadata), plus the rest of a
+    daqkd checkpoint's metadata.
+    """
+    from .models import NAMED_NORMALIZATIONS, NormalizedModel, create_model, parse_normalization
     from .quant import QuantConfig, quantize_model
 
     file = resolve_checkpoint(path)
     state, meta = read_checkpoint(file)
-    if "arch" not in meta or "normalize" not in meta:
-        raise DaqkdError(f"{file} is not a daqkd checkpoint (no arch/normalize metadata): "
-                         "use --weights with --arch and --normalize instead")
-    classes = num_classes if num_classes is not None else int(meta.get("num_classes", len(meta.get("classes", []))))
-    model = create_model(meta["arch"], classes)
-    if meta.get("quant"):
+    foreign = "arch" not in meta or "normalize" not in meta
+    if foreign:
+        arch = arch or fallback_arch
+        if arch is None:
+            raise DaqkdError(f"{file} does not say its architecture: pass --arch (e.g. resnet20, resnet56b)")
+        if normalize is None:
+            raise DaqkdError(
+                f"{file} does not say how its inputs were normalized: pass --normalize with the statistics "
+                f"it was trained with ({', '.join(NAMED_NORMALIZATIONS)} or m1,m2,m3:s1,s2,s3)"
+            )
+        if num_classes is None:
+            raise DaqkdError(f"{file} does not say how many classes it has: pass --data with its data set")
+        meta = {"arch": arch, "normalize": parse_normalization(normalize).spec(), "num_classes": num_classes,
+                "quant": None, "classes": None}
+    else:
+        if arch is not None and arch != meta["arch"]:
+            raise DaqkdError(f"{file} is a {meta['arch']} checkpoint, not --arch {arch}: drop --arch "
+                             "(daqkd checkpoints know their architecture)")
+        stored = parse_normalization(meta["normalize"])
+        if normalize is not None and parse_normalization(normalize) != stored:
+            raise DaqkdError(f"{file} was trained with normalization {stored.spec()}, not --normalize {normalize}: "
+                             "drop --normalize (daqkd checkpoints know their normalization)")
+        meta = {"num_classes": len(meta.get("classes") or []) or None, "quant": None, "classes": None, **meta}
+    classes = num_classes if num_classes is not None else meta["num_classes"]
+    if classes is None:
+        raise DaqkdError(f"{file} does not say how many classes it has: pass --data with its data set")
+    model = create_model(meta["arch"], int(classes))
+    if meta["quant"]:
         quantize_model(model, QuantConfig(**meta["quant"]))
     load_state_dict_strict(model, state, file, meta["arch"])
-    return NormalizedModel(model, parse_normalization(meta["normalize"])), meta
+    norm = parse_normalization(meta["normalize"])
+    info = {**meta, "normalize": norm.spec(), "weights": str(file), "foreign": foreign}
+    return NormalizedModel(model, norm), info
 
 
 def model_size_bytes(model: nn.Module) -> dict[str, float]:

@@ -16,10 +16,11 @@ import torch
 
 from .augment import known_names, parse_candidates
 from .augment.base import SMALL_IMAGE_MAX
-from .checkpoint import load_classifier, write_json_atomic
+from .checkpoint import load_model, write_json_atomic
 from .data import TORCHVISION_DATASETS, load_data
 from .errors import DaqkdError
 from .metric import SCORES
+from .models import NAMED_NORMALIZATIONS
 from .rank import (
     COMPILE_AUTO_MIN_IMAGES,
     VARIANCE_PROTOCOLS,
@@ -35,13 +36,27 @@ from .runtime import init_distributed, is_main_process, select_device
 def add_data_args(parser: argparse.ArgumentParser) -> None:
     """Data, seed and device options, the same for every subcommand."""
     group = parser.add_argument_group("data and runtime")
-    group.add_argument("--data", metavar="DIR", help="ImageFolder root with train/ and test/ (e.g. ../shared/data/cifar10)")
+    group.add_argument("--data", metavar="DIR|FILE.npz",
+                       help="ImageFolder root with train/ and test/ (e.g. ../shared/data/cifar10), or a NumPy archive "
+                            "with x_train, y_train, x_test, y_test (e.g. ../shared/data/cifar100/cifar100.npz)")
     group.add_argument("--dataset", choices=TORCHVISION_DATASETS, help="download through torchvision instead of --data")
     group.add_argument("--data-root", default="~/.cache/daqkd", help="where --dataset downloads to (default %(default)s)")
     group.add_argument("--split", default="train", choices=("train", "test"), help="default %(default)s")
-    group.add_argument("--limit-per-class", type=int, metavar="K", help="first K images of each class (sorted file order)")
+    group.add_argument("--limit-per-class", type=int, metavar="K",
+                       help="first K images of each class (sorted file order; array order in archives)")
     group.add_argument("--seed", type=int, default=0, help="default %(default)s; same seed, same numbers")
     group.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
+
+
+ARCH_HELP = ("resnet20/32/44/56/110 (option-A shortcuts), resnet20b/32b/44b/56b/110b (option B), vgg8/11/13, "
+             "mobilenetv2, or a torchvision model name")
+
+
+def add_foreign_args(group: Any, what: str = "weights") -> None:
+    """--arch and --normalize, which published weights need and daqkd checkpoints store."""
+    group.add_argument("--arch", help=f"architecture of {what} without daqkd metadata: {ARCH_HELP}")
+    group.add_argument("--normalize", help=f"input statistics {what} without daqkd metadata were trained with: "
+                       f"{', '.join(NAMED_NORMALIZATIONS)} or m1,m2,m3:s1,s2,s3")
 
 
 def add_rank_parser(subparsers: Any) -> None:
@@ -52,9 +67,9 @@ def add_rank_parser(subparsers: Any) -> None:
     )
     add_data_args(p)
     model = p.add_argument_group("teacher")
-    model.add_argument("--arch", help="resnet20/32/44/56/110, vgg8/11/13, mobilenetv2, or a torchvision model name")
-    model.add_argument("--weights", required=True, metavar="FILE", help=".th/.pt/.pth (weights only) or .safetensors")
-    model.add_argument("--normalize", help="cifar10, cifar100, imagenet or m1,m2,m3:s1,s2,s3 (stored in daqkd checkpoints)")
+    model.add_argument("--weights", required=True, metavar="RUN|FILE",
+                       help="a daqkd run or checkpoint, or published weights (.th/.pt/.pth weights only, .safetensors)")
+    add_foreign_args(model)
     model.add_argument("--crop-size", type=int, default=224, help=f"input size for images larger than {SMALL_IMAGE_MAX} px")
     r = p.add_argument_group("ranking")
     r.add_argument("--augs", default="all", help="comma-separated candidates, or 'all' (the paper's 16); known: "
@@ -94,7 +109,8 @@ def cmd_rank(args: argparse.Namespace) -> int:
     device = select_device(args.device)
     torch.manual_seed(args.seed)
     data = load_data(args.data, args.dataset, args.split, args.limit_per_class, args.data_root)
-    model, teacher = load_classifier(args.weights, args.arch, data.num_classes, args.normalize)
+    model, info = load_model(args.weights, arch=args.arch, normalize=args.normalize, num_classes=data.num_classes)
+    teacher = {k: info[k] for k in ("arch", "weights", "normalize", "quant")}
     config = RankConfig(
         augs=augs, batch_size=args.batch_size, seed=args.seed, repeats=args.repeats,
         cmi_weight=args.cmi_weight, score=args.score, variance_group=args.variance_group,

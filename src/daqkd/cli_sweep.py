@@ -26,8 +26,14 @@ from typing import Any
 import torch
 
 from .augment import parse_candidates
-from .checkpoint import load_run_model, write_json_atomic, write_text_atomic
-from .cli_train import add_optim_args, add_student_args, load_train_test, train_student
+from .checkpoint import write_json_atomic, write_text_atomic
+from .cli_train import (
+    add_optim_args,
+    add_student_args,
+    load_teacher,
+    load_train_test,
+    train_student,
+)
 from .data import ImageSet
 from .errors import DaqkdError
 from .rank import rank_and_save
@@ -139,8 +145,8 @@ def run_in_processes(pending: list[argparse.Namespace], data: tuple[ImageSet, Im
 
 
 # The options that make two students comparable: a sweep refuses to mix runs that differ in any.
-COMPARED_OPTIONS = ("teacher", "arch", "init", "method", "w_bits", "a_bits", "per_channel", "first_last", "ewgs_delta",
-                    "kd", "gamma", "alpha", "temperature", "quant_lr", "data", "dataset", "limit_per_class", "epochs",
+COMPARED_OPTIONS = ("teacher", "teacher_arch", "normalize", "arch", "init", "method", "w_bits", "a_bits",
+                    "per_channel", "first_last", "ewgs_delta", "kd", "gamma", "alpha", "temperature", "quant_lr", "data", "dataset", "limit_per_class", "epochs",
                     "batch_size", "optimizer", "lr", "momentum", "weight_decay", "warmup_epochs", "no_amp")
 PATH_OPTIONS = ("teacher", "init", "data")
 DEFAULT_DA = "none"
@@ -297,7 +303,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         if sorted(c["name"] for c in ranking["candidates"]) != sorted(names):
             raise DaqkdError(f"{rank_file} ranks other candidates than --augs: use another --out, or delete it")
     else:
-        teacher, _ = load_run_model(args.teacher, train.num_classes)
+        teacher, _ = load_teacher(args, train.num_classes)
         ranking = rank_and_save(teacher, train, augs, args.seed, device, rank_file, main, args.controls == "all")
     if main:
         order = ", ".join(c["name"] for c in sorted(ranking["candidates"], key=lambda c: c["rank"]))

@@ -13,17 +13,24 @@ import torch
 
 from .augment import parse_candidates
 from .checkpoint import (
-    load_classifier,
-    load_run_model,
+    load_model,
     load_state_dict_strict,
     model_size_bytes,
     read_checkpoint,
+    resolve_checkpoint,
     write_json_atomic,
 )
+from .cli import ARCH_HELP, add_foreign_args
 from .data import ImageSet, load_data
 from .distill import LOSSES, DistillConfig, create_loss
 from .errors import DaqkdError
-from .models import Normalization, NormalizedModel, create_model, parse_normalization
+from .models import (
+    NAMED_NORMALIZATIONS,
+    Normalization,
+    NormalizedModel,
+    create_model,
+    parse_normalization,
+)
 from .quant import QUANTIZERS, QuantConfig, check_bits, quantize_model
 from .rank import rank_and_save
 from .runtime import init_distributed, is_main_process, select_device
@@ -52,9 +59,11 @@ def add_optim_args(parser: argparse.ArgumentParser, *, lr: float, optimizer: str
 def add_parsers(subparsers: Any, add_data_args) -> None:
     t = subparsers.add_parser("teacher", help="train or fine-tune a full-precision model")
     add_data_args(t)
-    t.add_argument("--arch", required=True)
-    t.add_argument("--init", metavar="FILE", help="start from these weights (fine-tuning)")
-    t.add_argument("--normalize", help="input normalization (default: from --init, else the data's own statistics)")
+    t.add_argument("--arch", required=True, help=ARCH_HELP)
+    t.add_argument("--init", metavar="RUN|FILE", help="start from these weights (fine-tuning): a daqkd run or checkpoint, "
+                   "or published weights (then --normalize names their statistics)")
+    t.add_argument("--normalize", help="input statistics: " + ", ".join(NAMED_NORMALIZATIONS) + " or m1,m2,m3:s1,s2,s3 "
+                   "(default: from a daqkd --init, else the data's own)")
     t.add_argument("--label-smoothing", type=float, default=0.0)
     add_optim_args(t, lr=0.1, optimizer="sgd", aug="none+cutmix")
     t.set_defaults(func=cmd_teacher)
@@ -66,17 +75,24 @@ def add_parsers(subparsers: Any, add_data_args) -> None:
     s.set_defaults(func=cmd_train)
 
     e = subparsers.add_parser("eval", help="evaluate a run directory or checkpoint")
-    e.add_argument("run", help="run directory or daqkd checkpoint")
+    e.add_argument("run", metavar="RUN|FILE", help="a daqkd run directory or checkpoint, or published weights "
+                   "(with --arch and --normalize)")
     add_data_args(e)
+    add_foreign_args(e.add_argument_group("published weights"))
     e.add_argument("--out", metavar="FILE", help="write the report as JSON")
     e.set_defaults(func=cmd_eval, split="test")
 
 
 def add_student_args(s: argparse.ArgumentParser, teacher_required: bool = True) -> None:
     """The student's options, shared by `daqkd train` and `daqkd sweep`."""
-    s.add_argument("--teacher", required=teacher_required, metavar="CKPT", help="teacher run directory or daqkd checkpoint")
+    s.add_argument("--teacher", required=teacher_required, metavar="RUN|FILE",
+                   help="a daqkd teacher run or checkpoint, or published weights (with --normalize, and --teacher-arch "
+                        "or --arch)")
     s.add_argument("--arch", help="student architecture (default: the teacher's; it then starts from its weights)")
-    s.add_argument("--init", metavar="FILE", help="student weights when the architectures differ")
+    s.add_argument("--teacher-arch", help="architecture of published --teacher weights (default: --arch)")
+    s.add_argument("--normalize", help="input statistics of published --teacher weights (" + ", ".join(NAMED_NORMALIZATIONS)
+                   + " or m1,m2,m3:s1,s2,s3); the student uses the teacher's")
+    s.add_argument("--init", metavar="RUN|FILE", help="student weights when the architectures differ")
     s.add_argument("--method", default="ewgs", choices=sorted(QUANTIZERS))
     s.add_argument("--w-bits", type=int, default=2)
     s.add_argument("--a-bits", type=int, default=2)
@@ -146,7 +162,9 @@ def cmd_teacher(args: argparse.Namespace) -> int:
     train, test = load_train_test(args)
     parse_candidates(args.aug)
     if args.init:
-        model, info = load_classifier(args.init, args.arch, train.num_classes, args.normalize)
+        model, info = load_model(args.init, arch=args.arch, normalize=args.normalize, num_classes=train.num_classes)
+        if info["quant"]:
+            raise DaqkdError(f"--init {args.init} is a quantized student: a teacher starts from full-precision weights")
     else:
         norm = parse_normalization(args.normalize) if args.normalize else data_statistics(train)
         model = NormalizedModel(create_model(args.arch, train.num_classes), norm)
@@ -180,7 +198,7 @@ def train_student(args: argparse.Namespace, data: tuple[ImageSet, ImageSet] | No
     device = select_device(args.device)
     torch.manual_seed(args.seed)
     train, test = data if data is not None else load_train_test(args)
-    teacher, teacher_meta = load_run_model(args.teacher, train.num_classes)
+    teacher, teacher_meta = load_teacher(args, train.num_classes)
     arch = args.arch or teacher_meta["arch"]
     delta = None if args.ewgs_delta == "hessian" else float(args.ewgs_delta)
     first_last: str | int = args.first_last if args.first_last in ("fp", "same") else check_bits(
@@ -203,7 +221,7 @@ def train_student(args: argparse.Namespace, data: tuple[ImageSet, ImageSet] | No
     if arch == teacher_meta["arch"] and not args.init:
         student.load_state_dict(teacher.model.state_dict())
     elif args.init:
-        state, _ = read_checkpoint(args.init)
+        state, _ = read_checkpoint(resolve_checkpoint(args.init))
         load_state_dict_strict(student, state, args.init, arch)
     quantize_model(student, quant)
     model = NormalizedModel(student, teacher.normalization)
@@ -221,20 +239,27 @@ def train_student(args: argparse.Namespace, data: tuple[ImageSet, ImageSet] | No
     return trainer
 
 
+def load_teacher(args: argparse.Namespace, num_classes: int) -> tuple[NormalizedModel, dict[str, Any]]:
+    """The --teacher of `daqkd train`/`sweep`: a daqkd checkpoint, or published weights whose
+    architecture is --teacher-arch (else --arch) and whose statistics are --normalize."""
+    model, info = load_model(args.teacher, arch=getattr(args, "teacher_arch", None),
+                             normalize=getattr(args, "normalize", None), num_classes=num_classes,
+                             fallback_arch=args.arch)
+    return model, info
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     device = select_device(args.device)
     if args.data is None and args.dataset is None:
-        raise DaqkdError("pass --data DIR (or --dataset) with the test images")
+        raise DaqkdError("pass --data DIR|FILE.npz (or --dataset) with the test images")
     test = load_data(args.data, args.dataset, args.split, args.limit_per_class, args.data_root)
-    model, meta = load_run_model(args.run)
-    if meta.get("num_classes", test.num_classes) != test.num_classes:
-        raise DaqkdError(f"{args.run} has {meta['num_classes']} classes but the data has {test.num_classes}: "
-                         "pass the data set it was trained on")
+    model, meta = load_model(args.run, arch=args.arch, normalize=args.normalize, num_classes=test.num_classes)
     model.to(device)
     metrics = evaluate(model, test, device)
     size = model_size_bytes(model.model)
     quant = meta.get("quant")
-    report = {"run": str(args.run), "arch": meta["arch"], "split": args.split, "images": len(test),
+    report = {"run": str(args.run), "arch": meta["arch"], "normalize": meta["normalize"], "data": test.source,
+              "split": args.split, "images": len(test),
               "w_bits": quant["w_bits"] if quant else 32, "a_bits": quant["a_bits"] if quant else 32,
               "method": quant["method"] if quant else None, **metrics, "size": size}
     print(f"{meta['arch']} W{report['w_bits']}A{report['a_bits']}: top-1 {metrics['top1']:.2f}%  "
