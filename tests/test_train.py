@@ -160,3 +160,21 @@ def test_training_errors(args: list[str], message: str, tmp_path: Path, tiny_fol
     assert main([*filled, "--data", str(tiny_folder), *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def test_train_limit_and_eval_every(tmp_path: Path, tiny_folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--train-limit-per-class limits the train split only; --eval-every skips test passes but never
+    the last epoch's, and the best checkpoint comes from evaluated epochs."""
+    run = tmp_path / "t"
+    assert main(["teacher", "--data", str(tiny_folder), "--arch", "resnet20", "--train-limit-per-class", "4",
+                 "--eval-every", "2", "--epochs", "3", "--batch-size", "6", "--out", str(run), "--no-progress"]) == 0
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [2, 4, 6]  # 3 classes x 4 images = 2 batches of 6 per epoch
+    assert ["test_top1" in line for line in lines] == [False, True, True]
+    printed = capsys.readouterr().out
+    assert "epoch 1/3: loss" in printed and "(test every 2 epochs)" in printed
+    report = tmp_path / "e.json"
+    assert main(["eval", str(run), "--data", str(tiny_folder), "--out", str(report)]) == 0
+    assert json.loads(report.read_text())["images"] == 36  # the whole test split
+    best = max(line["test_top1"] for line in lines if "test_top1" in line)
+    assert json.loads(report.read_text())["top1"] == pytest.approx(best)

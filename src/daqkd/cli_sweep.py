@@ -76,7 +76,7 @@ def finished_run(run: Path, epochs: int) -> dict[str, Any] | None:
     if not history or history[-1]["epoch"] < epochs:
         return None
     return {"top1": history[-1]["test_top1"], "top5": history[-1]["test_top5"],
-            "best_top1": max(h["test_top1"] for h in history),
+            "best_top1": max(h["test_top1"] for h in history if "test_top1" in h),
             "train_seconds": sum(h["seconds"] for h in history), "epochs": history[-1]["epoch"]}
 
 
@@ -146,8 +146,9 @@ def run_in_processes(pending: list[argparse.Namespace], data: tuple[ImageSet, Im
 
 # The options that make two students comparable: a sweep refuses to mix runs that differ in any.
 COMPARED_OPTIONS = ("teacher", "teacher_arch", "normalize", "arch", "init", "method", "w_bits", "a_bits",
-                    "per_channel", "first_last", "ewgs_delta", "kd", "gamma", "alpha", "temperature", "quant_lr", "data", "dataset", "limit_per_class", "epochs",
-                    "batch_size", "optimizer", "lr", "momentum", "weight_decay", "warmup_epochs", "no_amp")
+                    "per_channel", "first_last", "ewgs_delta", "kd", "gamma", "alpha", "temperature", "quant_lr",
+                    "data", "dataset", "limit_per_class", "train_limit_per_class", "epochs", "batch_size",
+                    "optimizer", "lr", "momentum", "weight_decay", "warmup_epochs", "no_amp")
 PATH_OPTIONS = ("teacher", "init", "data")
 DEFAULT_DA = "none"
 

@@ -51,6 +51,11 @@ def add_optim_args(parser: argparse.ArgumentParser, *, lr: float, optimizer: str
     g.add_argument("--no-amp", action="store_true",
                    help="train in float32 on CUDA (default: bf16 autocast; quantizers and evaluation are float32)")
     g.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps")
+    g.add_argument("--eval-every", type=int, default=1, metavar="N",
+                   help="evaluate on the test split every N epochs and after the last (default %(default)s)")
+    g.add_argument("--train-limit-per-class", type=int, metavar="K",
+                   help="first K train images of each class, the test split untouched (data-limited training; "
+                        "--limit-per-class limits both)")
     g.add_argument("--out", required=True, metavar="RUN", help="run directory")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     g.add_argument("--no-progress", action="store_true")
@@ -118,19 +123,21 @@ def data_statistics(data: ImageSet) -> Normalization:
 
 
 def load_train_test(args: argparse.Namespace) -> tuple[ImageSet, ImageSet]:
-    train = load_data(args.data, args.dataset, "train", args.limit_per_class, args.data_root)
+    train_limit = getattr(args, "train_limit_per_class", None) or args.limit_per_class
+    train = load_data(args.data, args.dataset, "train", train_limit, args.data_root)
     test = load_data(args.data, args.dataset, "test", args.limit_per_class, args.data_root)
     return train, test
 
 
 def train_config(args: argparse.Namespace, aug: str) -> TrainConfig:
-    for name in ("epochs", "batch_size"):
-        if getattr(args, name) < 1:
+    for name in ("epochs", "batch_size", "eval_every"):
+        if getattr(args, name, 1) < 1:
             raise DaqkdError(f"--{name.replace('_', '-')} must be at least 1")
     return TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, aug=aug, optimizer=args.optimizer, lr=args.lr,
         momentum=args.momentum, weight_decay=args.weight_decay, quant_lr=getattr(args, "quant_lr", 1e-5),
         warmup_epochs=args.warmup_epochs, seed=args.seed, save_every=args.save_every,
+        eval_every=getattr(args, "eval_every", 1),
         amp=not getattr(args, "no_amp", False),
     )
 

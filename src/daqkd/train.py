@@ -53,6 +53,7 @@ class TrainConfig:
     seed: int = 0
     save_every: int = 0  # also checkpoint every N steps (0: at epoch ends only)
     eval_batch_size: int = 500
+    eval_every: int = 1  # test evaluation every N epochs and after the last one
     ewgs_delta_every: int = 10  # epochs between Hessian updates of EWGS's delta (when enabled)
     amp: bool = True  # bf16 autocast for training steps on CUDA (evaluation is always float32)
 
@@ -297,11 +298,14 @@ class Trainer:
         if bar is not None:
             bar.close()
         seconds = time.perf_counter() - start
-        metrics = evaluate(self.model, self.test_data, self.device, config.eval_batch_size)
+        # the test pass costs as much as 2 epochs of a data-limited run: --eval-every skips it
+        evaluated = (epoch + 1) % max(1, config.eval_every) == 0 or epoch + 1 == config.epochs
+        metrics = evaluate(self.model, self.test_data, self.device, config.eval_batch_size) if evaluated else {}
         record = {
             "epoch": epoch + 1, "step": self.global_step,
             **{f"train_{k}": v / max(seen, 1) for k, v in sums.items()},
-            "test_top1": metrics["top1"], "test_top5": metrics["top5"], "test_loss": metrics["loss"],
+            **({"test_top1": metrics["top1"], "test_top5": metrics["top5"], "test_loss": metrics["loss"]}
+               if evaluated else {}),
             "lr": self.optimizers[0][0].param_groups[0]["lr"], "seconds": seconds,
             "images_per_s": seen * self.world / max(seconds, 1e-9),
         }
@@ -310,16 +314,18 @@ class Trainer:
         if is_main_process():
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
-            if self.writer is not None:
+            if self.writer is not None and evaluated:
                 for k in ("test_top1", "test_top5", "test_loss"):
                     self.writer.add_scalar(k.replace("_", "/", 1), record[k], epoch + 1)
-            meta = {**self.metadata, "epoch": epoch + 1, "test_top1": metrics["top1"], "test_top5": metrics["top5"]}
+            meta = {**self.metadata, "epoch": epoch + 1, "test_top1": metrics.get("top1"),
+                    "test_top5": metrics.get("top5")}
             save_checkpoint(self.run_dir / LAST_FILE, self.model.model, meta)
-            if metrics["top1"] > self.best_top1:
+            if evaluated and metrics["top1"] > self.best_top1:
                 self.best_top1 = metrics["top1"]
                 save_checkpoint(self.run_dir / BEST_FILE, self.model.model, meta)
-            print(f"epoch {epoch + 1}/{config.epochs}: loss {record.get('train_loss', float('nan')):.4f}  "
-                  f"test top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  "
+            tested = (f"test top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%" if evaluated
+                      else f"(test every {config.eval_every} epochs)")
+            print(f"epoch {epoch + 1}/{config.epochs}: loss {record.get('train_loss', float('nan')):.4f}  {tested}  "
                   f"({record['images_per_s']:.0f} img/s)", flush=True)
         self.save_state()
         return record
