@@ -11,8 +11,8 @@ AUGS=none+cutmix,autoaugment-cifar10+cutmix,autoaugment-imagenet+cutmix,autoaugm
 TEACHER=(daqkd teacher --data $DATA --train-limit-per-class 500 --arch resnet20 --aug none+cutmix
          --epochs 160 --lr 0.1 --momentum 0.9 --weight-decay 5e-4 --batch-size 128 --eval-every 10 --seed 0
          --out teacher --no-progress)
-if [ -f teacher/state.pt ]; then daqkd teacher --resume --out teacher --no-progress >> teacher.log 2>&1
-else "${TEACHER[@]}" >> teacher.log 2>&1; fi
+RESUME=(); [ -f teacher/state.pt ] && RESUME=(--resume)
+"${TEACHER[@]}" "${RESUME[@]}" >> teacher.log 2>&1
 [ -f teacher-train.json ] || daqkd eval teacher --data $DATA --split train --limit-per-class 500 --out teacher-train.json > /dev/null
 [ -f teacher-test.json ] || daqkd eval teacher --data $DATA --split test --out teacher-test.json > /dev/null
 
