@@ -44,6 +44,48 @@ def test_kd_losses_equal_hand_computation() -> None:
         create_loss("crd")
 
 
+def test_label_smoothing_applies_to_soft_targets_too() -> None:
+    s = [1.0, 2.0, 3.0]
+    soft = torch.tensor([[0.25, 0.0, 0.75]])  # a CutMix label
+    smoothed = [0.9 * t + 0.1 / 3 for t in (0.25, 0.0, 0.75)]
+    expected = -sum(t * math.log(p) for t, p in zip(smoothed, softmax(s)))
+    loss = create_loss("none", DistillConfig(label_smoothing=0.1))(torch.tensor([s]), None, soft)
+    assert loss["loss"].item() == pytest.approx(expected, rel=1e-6)
+    hard = create_loss("none", DistillConfig(label_smoothing=0.1))(torch.tensor([s]), None, torch.tensor([2]))
+    assert hard["loss"].item() == pytest.approx(
+        -sum(t * math.log(p) for t, p in zip([0.1 / 3, 0.1 / 3, 0.9 + 0.1 / 3], softmax(s))), rel=1e-6)
+
+
+def test_data_statistics_over_every_pixel_of_mixed_sizes() -> None:
+    from daqkd.cli_train import data_statistics
+    from daqkd.data import ImageSet
+
+    generator = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=generator)
+              for h, w in ((8, 8), (5, 12), (20, 3))]
+    data = ImageSet(images, torch.tensor([0, 1, 0]), ["a", "b"], "mixed")
+    pixels = torch.cat([im.double().div(255).reshape(3, -1) for im in images], dim=1)  # naive
+    stats = data_statistics(data)
+    assert stats.mean == pytest.approx(pixels.mean(1).tolist(), abs=1e-9)
+    assert stats.std == pytest.approx(pixels.std(1, unbiased=False).tolist(), abs=1e-9)
+    uniform = ImageSet(torch.stack([images[0], images[0].flip(-1)]), torch.tensor([0, 1]), ["a", "b"], "u")
+    both = torch.cat([images[0].double().div(255).reshape(3, -1)] * 2, dim=1)
+    assert data_statistics(uniform).std == pytest.approx(both.std(1, unbiased=False).tolist(), abs=1e-9)
+
+
+def test_version_and_no_split_for_training(capsys: pytest.CaptureFixture[str]) -> None:
+    from daqkd import __version__
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"daqkd {__version__}"
+    required = {"teacher": ["--arch", "resnet20"], "train": ["--teacher", "t"], "sweep": []}
+    for command, needed in required.items():  # they read both splits: --split would be ignored
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, *needed, "--split", "test", "--out", "x"])
+        assert exit_info.value.code == 2 and "unrecognized arguments: --split" in capsys.readouterr().err
+
+
 def small_trainer(folder: Path, run: Path, epochs: int, quantized: bool, **kw) -> Trainer:
     train = load_image_folder(folder, "train")
     test = load_image_folder(folder, "test")

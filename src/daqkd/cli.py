@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from . import __version__
 from .augment import known_names, parse_candidates
 from .augment.base import SMALL_IMAGE_MAX
 from .checkpoint import load_model, write_json_atomic
@@ -33,15 +34,19 @@ from .rank import (
 from .runtime import init_distributed, is_main_process, select_device
 
 
-def add_data_args(parser: argparse.ArgumentParser) -> None:
-    """Data, seed and device options, the same for every subcommand."""
+def add_data_args(parser: argparse.ArgumentParser, split: bool = True) -> None:
+    """Data, seed and device options, the same for every subcommand; ``split`` offers --split
+    (rank and eval read one split; training reads both)."""
     group = parser.add_argument_group("data and runtime")
     group.add_argument("--data", metavar="DIR|FILE.npz",
                        help="ImageFolder root with train/ and test/ (e.g. ../shared/data/cifar10), or a NumPy archive "
                             "with x_train, y_train, x_test, y_test (e.g. ../shared/data/cifar100/cifar100.npz)")
     group.add_argument("--dataset", choices=TORCHVISION_DATASETS, help="download through torchvision instead of --data")
-    group.add_argument("--data-root", default="~/.cache/daqkd", help="where --dataset downloads to (default %(default)s)")
-    group.add_argument("--split", default="train", choices=("train", "test"), help="default %(default)s")
+    group.add_argument(
+        "--data-root", default="~/.cache/daqkd", help="where --dataset downloads to (default %(default)s)"
+    )
+    if split:
+        group.add_argument("--split", default="train", choices=("train", "test"), help="default %(default)s")
     group.add_argument("--limit-per-class", type=int, metavar="K",
                        help="first K images of each class (sorted file order; array order in archives)")
     group.add_argument("--seed", type=int, default=0, help="default %(default)s; same seed, same numbers")
@@ -70,7 +75,9 @@ def add_rank_parser(subparsers: Any) -> None:
     model.add_argument("--weights", required=True, metavar="RUN|FILE",
                        help="a daqkd run or checkpoint, or published weights (.th/.pt/.pth weights only, .safetensors)")
     add_foreign_args(model)
-    model.add_argument("--crop-size", type=int, default=224, help=f"input size for images larger than {SMALL_IMAGE_MAX} px")
+    model.add_argument(
+        "--crop-size", type=int, default=224, help=f"input size for images larger than {SMALL_IMAGE_MAX} px"
+    )
     r = p.add_argument_group("ranking")
     r.add_argument("--augs", default="all", help="comma-separated candidates, or 'all' (the paper's 16); known: "
                    + ", ".join(known_names()))
@@ -205,15 +212,18 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append("controls pick: " + ", ".join(f"{label} {picks[k]}" for k, label in named.items() if k in picks))
         rho = controls["score_vs_teacher_accuracy_spearman"]
         same = picks["score"] == picks["teacher_accuracy"]
-        lines.append(f"the score's pick {'equals' if same else 'differs from'} the teacher-accuracy pick; the CMI term "
-                     f"{'did not change' if picks['score'] == picks['score_without_cmi'] else 'changed'} the pick"
-                     + (f"; Spearman(score, teacher accuracy) {rho:+.2f} (-1: the same order)" if rho is not None else ""))
+        lines.append(
+            f"the score's pick {'equals' if same else 'differs from'} the teacher-accuracy pick; the CMI term "
+            f"{'did not change' if picks['score'] == picks['score_without_cmi'] else 'changed'} the pick"
+            + (f"; Spearman(score, teacher accuracy) {rho:+.2f} (-1: the same order)" if rho is not None else "")
+        )
     return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="daqkd", description="Data-Augmented Quantization-Aware Knowledge Distillation")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_rank_parser(subparsers)
     from .cli_sweep import add_parser as add_sweep_parser

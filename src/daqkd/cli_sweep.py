@@ -46,7 +46,7 @@ def add_parser(subparsers: Any, add_data_args) -> None:
         "sweep", help="train a student per candidate DA and test whether the ranking predicts accuracy",
         description="Rank --augs once with the teacher, train one student per candidate and seed "
                     "(the options of `daqkd train`), and write results.json, report.md and scatter.png.")
-    add_data_args(p)
+    add_data_args(p, split=False)
     add_student_args(p, teacher_required=False)
     add_optim_args(p, lr=1e-3, optimizer="adam", aug=None)
     p.add_argument("--seeds", type=int, default=1, help="students per DA, seeds --seed .. --seed+S-1")
@@ -181,7 +181,8 @@ def check_same_configuration(out: Path, args: argparse.Namespace, stored_sweep: 
             differences["seed"] = (stored_sweep["seed"], args.seed)
         if stored_sweep.get("seeds", args.seeds) > args.seeds:
             differences["seeds"] = (stored_sweep["seeds"], args.seeds)
-        if "augs" in stored_sweep and sorted(parse_candidates(stored_sweep["augs"])) != sorted(parse_candidates(args.augs)):
+        stored_augs = parse_candidates(stored_sweep["augs"]) if "augs" in stored_sweep else None
+        if stored_augs is not None and sorted(stored_augs) != sorted(parse_candidates(args.augs)):
             differences["augs"] = (stored_sweep["augs"], args.augs)
         stored_default = stored_sweep.get("default")
         if stored_default is not None and stored_default != args.default:

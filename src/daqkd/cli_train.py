@@ -42,7 +42,9 @@ def add_optim_args(parser: argparse.ArgumentParser, *, lr: float, optimizer: str
     g.add_argument("--epochs", type=int, default=1)
     g.add_argument("--batch-size", type=int, default=256)
     if aug is not None:
-        g.add_argument("--aug", default=aug, help="a DA name (see daqkd rank --help)" + (", or 'auto'" if aug == "auto" else ""))
+        g.add_argument(
+            "--aug", default=aug, help="a DA name (see daqkd rank --help)" + (", or 'auto'" if aug == "auto" else "")
+        )
     g.add_argument("--optimizer", default=optimizer, choices=("sgd", "adam"))
     g.add_argument("--lr", type=float, default=lr)
     g.add_argument("--momentum", type=float, default=0.9)
@@ -63,10 +65,14 @@ def add_optim_args(parser: argparse.ArgumentParser, *, lr: float, optimizer: str
 
 def add_parsers(subparsers: Any, add_data_args) -> None:
     t = subparsers.add_parser("teacher", help="train or fine-tune a full-precision model")
-    add_data_args(t)
+    add_data_args(t, split=False)
     t.add_argument("--arch", required=True, help=ARCH_HELP)
-    t.add_argument("--init", metavar="RUN|FILE", help="start from these weights (fine-tuning): a daqkd run or checkpoint, "
-                   "or published weights (then --normalize names their statistics)")
+    t.add_argument(
+        "--init",
+        metavar="RUN|FILE",
+        help="start from these weights (fine-tuning): a daqkd run or checkpoint, "
+        "or published weights (then --normalize names their statistics)",
+    )
     t.add_argument("--normalize", help="input statistics: " + ", ".join(NAMED_NORMALIZATIONS) + " or m1,m2,m3:s1,s2,s3 "
                    "(default: from a daqkd --init, else the data's own)")
     t.add_argument("--label-smoothing", type=float, default=0.0)
@@ -74,7 +80,7 @@ def add_parsers(subparsers: Any, add_data_args) -> None:
     t.set_defaults(func=cmd_teacher)
 
     s = subparsers.add_parser("train", help="QAT + KD of a low-bit student from a teacher")
-    add_data_args(s)
+    add_data_args(s, split=False)
     add_student_args(s)
     add_optim_args(s, lr=1e-3, optimizer="adam", aug="auto")
     s.set_defaults(func=cmd_train)
@@ -95,8 +101,12 @@ def add_student_args(s: argparse.ArgumentParser, teacher_required: bool = True) 
                         "or --arch)")
     s.add_argument("--arch", help="student architecture (default: the teacher's; it then starts from its weights)")
     s.add_argument("--teacher-arch", help="architecture of published --teacher weights (default: --arch)")
-    s.add_argument("--normalize", help="input statistics of published --teacher weights (" + ", ".join(NAMED_NORMALIZATIONS)
-                   + " or m1,m2,m3:s1,s2,s3); the student uses the teacher's")
+    s.add_argument(
+        "--normalize",
+        help="input statistics of published --teacher weights ("
+        + ", ".join(NAMED_NORMALIZATIONS)
+        + " or m1,m2,m3:s1,s2,s3); the student uses the teacher's",
+    )
     s.add_argument("--init", metavar="RUN|FILE", help="student weights when the architectures differ")
     s.add_argument("--method", default="ewgs", choices=sorted(QUANTIZERS))
     s.add_argument("--w-bits", type=int, default=2)
@@ -113,13 +123,20 @@ def add_student_args(s: argparse.ArgumentParser, teacher_required: bool = True) 
 
 
 def data_statistics(data: ImageSet) -> Normalization:
-    """Per-channel mean and std of the images (scaled to [0, 1])."""
-    images = data.images if isinstance(data.images, torch.Tensor) else torch.stack(
-        [im.float().mean(dim=(1, 2)) for im in data.images])[:, :, None, None]
-    x = images.float() / 255.0
-    mean = x.mean(dim=(0, 2, 3)).tolist()
-    std = x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
-    return Normalization(tuple(mean), tuple(std))  # type: ignore[arg-type]
+    """Per-channel mean and std over every pixel of the images (scaled to [0, 1]); images of
+    different sizes weigh by their pixel counts. Accumulated in float64 one chunk at a time."""
+    images = data.images if isinstance(data.images, list) else list(data.images.split(1024))
+    total = torch.zeros(3, dtype=torch.float64)
+    squares = torch.zeros(3, dtype=torch.float64)
+    count = 0
+    for chunk in images:
+        x = chunk.double().div(255.0).reshape(-1, 3, chunk.shape[-2] * chunk.shape[-1])
+        total += x.sum(dim=(0, 2))
+        squares += x.square().sum(dim=(0, 2))
+        count += x.shape[0] * x.shape[2]
+    mean = total / count
+    std = (squares / count - mean.square()).clamp_min(0).sqrt().clamp_min(1e-3)
+    return Normalization(tuple(mean.tolist()), tuple(std.tolist()))  # type: ignore[arg-type]
 
 
 def load_train_test(args: argparse.Namespace) -> tuple[ImageSet, ImageSet]:
@@ -186,7 +203,10 @@ def cmd_teacher(args: argparse.Namespace) -> int:
     else:
         before = evaluate(model.to(device), test, device)
         if is_main_process():
-            print(f"daqkd teacher: {args.arch} on {len(train):,} images, start test top-1 {before['top1']:.2f}%", flush=True)
+            print(
+                f"daqkd teacher: {args.arch} on {len(train):,} images, start test top-1 {before['top1']:.2f}%",
+                flush=True,
+            )
     trainer.fit()
     if is_main_process():
         print(f"best test top-1 {trainer.best_top1:.2f}% -> {run / BEST_FILE}")

@@ -34,9 +34,10 @@ class DistillConfig:
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """CE with hard (B,) or soft (B, K) targets, mean over the batch."""
+    """CE with hard (B,) or soft (B, K) targets, mean over the batch; ``label_smoothing`` ε mixes
+    either with the uniform distribution: (1 - ε) * targets + ε / K."""
     if targets.ndim == 2:
-        return F.cross_entropy(logits.float(), targets.float())
+        targets = targets.float()
     return F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
 
 
