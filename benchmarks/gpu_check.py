@@ -98,10 +98,17 @@ def check_quantizers(device: torch.device, teacher: str, x: torch.Tensor, y: tor
                             default=0.0)
                 worst[mode] = [max(a, b) for a, b in zip(worst[mode], (flips, dx, param))]
         for mode, (flips, dx, param) in worst.items():
-            figures[f"{method}_fused{mode}_worst"] = {"output_flips": flips, "dx_mismatch": dx, "param_grad_rel_err": param}
-            check(f"{method} fused={mode} CUDA vs CPU, {len(inputs)} quantizers", flips < 1e-3 and dx < 1e-3 and param < 1e-3,
-                  f"worst layer: outputs differing {flips:.1e}, dL/dx differing {dx:.1e}, "
-                  f"parameter gradients rel err {param:.1e}")
+            figures[f"{method}_fused{mode}_worst"] = {
+                "output_flips": flips,
+                "dx_mismatch": dx,
+                "param_grad_rel_err": param,
+            }
+            check(
+                f"{method} fused={mode} CUDA vs CPU, {len(inputs)} quantizers",
+                flips < 1e-3 and dx < 1e-3 and param < 1e-3,
+                f"worst layer: outputs differing {flips:.1e}, dL/dx differing {dx:.1e}, "
+                f"parameter gradients rel err {param:.1e}",
+            )
         check_autocast(method, model.to(device), x.to(device), y.to(device), figures)
 
 
@@ -122,9 +129,12 @@ def check_autocast(method: str, model: torch.nn.Module, x: torch.Tensor, y: torc
     grads_finite = all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
     agree = (logits.argmax(1) == reference.argmax(1)).float().mean().item()
     figures[f"{method}_bf16_argmax_agreement_with_fp32"] = agree
-    check(f"{method} bf16 autocast step", grads_finite and bool(torch.isfinite(logits).all()) and dtypes == {torch.float32},
-          f"finite gradients {grads_finite}, quantizer outputs {sorted(str(d) for d in dtypes)}, "
-          f"argmax agreement with float32 {agree:.3f}")
+    check(
+        f"{method} bf16 autocast step",
+        grads_finite and bool(torch.isfinite(logits).all()) and dtypes == {torch.float32},
+        f"finite gradients {grads_finite}, quantizer outputs {sorted(str(d) for d in dtypes)}, "
+        f"argmax agreement with float32 {agree:.3f}",
+    )
 
 
 def check_augment(device: torch.device, figures: dict) -> None:
@@ -157,7 +167,9 @@ def check_metric(device: torch.device, figures: dict) -> None:
         for start in range(0, 5000, 1000):
             stats.update(logits[start:start + 1000].to(dev), targets[start:start + 1000].to(dev))
         results.append(stats.compute())
-    worst = max(abs(results[0][k] - results[1][k]) for k in results[0] if k != "variance" or results[0][k] == results[0][k])
+    worst = max(
+        abs(results[0][k] - results[1][k]) for k in results[0] if k != "variance" or results[0][k] == results[0][k]
+    )
     figures["metric_max_abs_diff"] = worst
     check("metric CUDA vs CPU", worst < 1e-6, f"largest difference of a figure {worst:.2e}")
 

@@ -74,7 +74,10 @@ def test_rank_end_to_end_on_tiny_folder(tiny_folder: Path, tiny_teacher: Path, t
     assert picks["teacher_accuracy"] == max(report["candidates"], key=lambda c: c["accuracy"])["name"]
     assert picks["cmi"] == max(report["candidates"], key=lambda c: c["cmi"])["name"]
     assert by_name[picks["variance"]]["variance_rank"] == 1
-    assert f"controls pick: teacher accuracy {picks['teacher_accuracy']}, centroid CE alone {picks['centroid_ce']}" in printed
+    assert (
+        f"controls pick: teacher accuracy {picks['teacher_accuracy']}, centroid CE alone {picks['centroid_ce']}"
+        in printed
+    )
     rho = report["controls"]["score_vs_teacher_accuracy_spearman"]
     assert -1 <= rho <= 1 and f"Spearman(score, teacher accuracy) {rho:+.2f}" in printed
 

@@ -131,7 +131,9 @@ def test_cmi_nonnegative_and_zero_for_identical_class_predictions() -> None:
     g = torch.Generator().manual_seed(5)
     for trial in range(20):
         stats = DAStatistics(5)
-        targets = torch.softmax(torch.randn(64, 5, generator=g), 1) if trial % 2 else torch.randint(0, 5, (64,), generator=g)
+        targets = (
+            torch.softmax(torch.randn(64, 5, generator=g), 1) if trial % 2 else torch.randint(0, 5, (64,), generator=g)
+        )
         stats.update(4 * torch.randn(64, 5, generator=g), targets)
         assert stats.compute()["cmi"] >= -1e-12
     labels = torch.arange(4).repeat(10)

@@ -58,7 +58,9 @@ def test_nested_prefixed_and_safetensors_roundtrip(tmp_path: Path) -> None:
     loaded, _ = load_model(tmp_path / "nested.pt", arch="resnet20", normalize="cifar10", num_classes=3)
     assert torch.equal(loaded.model.conv1.weight, model.conv1.weight)
     save_checkpoint(tmp_path / "m.safetensors", model, {"arch": "resnet20", "normalize": "cifar100"})
-    loaded, info = load_model(tmp_path / "m.safetensors", arch=None, normalize=None, num_classes=3)  # arch, norm from metadata
+    loaded, info = load_model(
+        tmp_path / "m.safetensors", arch=None, normalize=None, num_classes=3
+    )  # arch, norm from metadata
     assert info["normalize"] == parse_normalization("cifar100").spec()
     assert torch.equal(loaded.model.linear.bias, model.linear.bias)
     assert not list(tmp_path.glob("*.tmp"))

@@ -43,7 +43,12 @@ def test_analysis_controls_gains_and_verdict() -> None:
     assert (s["metric_pick"], s["variance_pick"], s["teacher_accuracy_pick"]) == (
         "randaugment+cutmix", "none+cutmix", "randaugment+cutmix")
     assert s["metric_pick_top1"] == pytest.approx(65.5)  # mean of seeds 0, 1, 2
-    assert (s["best"], s["worst"], s["default"], s["default_top1"]) == ("randaugment+cutmix", "none+cutmix", "none", 63.0)
+    assert (s["best"], s["worst"], s["default"], s["default_top1"]) == (
+        "randaugment+cutmix",
+        "none+cutmix",
+        "none",
+        63.0,
+    )
     # pick - default per seed: 2.0, 2.5, 3.0 -> mean 2.5, sd 0.5, half-width t(0.975, 2) 0.5 / sqrt(3) = 1.242069
     g = result["gain"]["pick_vs_default"]
     assert g["mean"] == pytest.approx(2.5) and g["seeds"] == 3
@@ -56,7 +61,9 @@ def test_analysis_controls_gains_and_verdict() -> None:
     c = result["controls"]
     assert set(c) == {"score", "teacher_accuracy", "centroid_ce", "cmi", "sample_score", "variance"}
     assert c["score"]["spearman"] == pytest.approx(-1.0) and c["score"]["spearman_p_exact"] == pytest.approx(2 / 24)
-    assert c["teacher_accuracy"]["spearman"] == pytest.approx(1.0) and c["teacher_accuracy"]["direction"] == "as predicted"
+    assert (
+        c["teacher_accuracy"]["spearman"] == pytest.approx(1.0) and c["teacher_accuracy"]["direction"] == "as predicted"
+    )
     assert c["variance"]["spearman"] == pytest.approx(1.0) and c["variance"]["direction"] == "opposite"
     assert math.isnan(c["cmi"]["spearman"]) and c["cmi"]["spearman_p"] == 1.0  # constant CMI ranks nothing
     assert result["score_vs_teacher_accuracy_spearman"] == pytest.approx(-1.0)

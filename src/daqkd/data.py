@@ -220,7 +220,10 @@ def load_array_archive(path: str | Path, split: str = "train", limit_per_class: 
         _check_images(images, image_key, len(labels), f"y_{split}")
         keep = limit_indices(labels.tolist(), limit_per_class)
         # fancy indexing copies only the kept images; a whole memmap is copied into RAM once
-        picked = images[keep] if len(keep) < len(labels) else (np.array(images) if isinstance(images, np.memmap) else images)
+        if len(keep) < len(labels):
+            picked = images[keep]
+        else:
+            picked = np.array(images) if isinstance(images, np.memmap) else images
     tensor = torch.from_numpy(np.ascontiguousarray(picked))
     tensor = tensor.unsqueeze(-1) if tensor.ndim == 3 else tensor
     tensor = tensor.permute(0, 3, 1, 2).expand(-1, 3, -1, -1).contiguous()

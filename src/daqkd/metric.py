@@ -248,7 +248,9 @@ class DAStatistics:
 _BLOCK_FIELDS = ("block_count", "block_sums", "block_mass", "block_weighted")
 
 
-def _figures(count: torch.Tensor, sums: torch.Tensor, mass: torch.Tensor, weighted: torch.Tensor) -> dict[str, torch.Tensor]:
+def _figures(
+    count: torch.Tensor, sums: torch.Tensor, mass: torch.Tensor, weighted: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """cmi, centroid_ce, ce, accuracy, authors_cmi from sums, batched over leading dimensions.
 
     count (...,); sums (..., 4): correct, entropy, ce, KL to reference; mass (..., K) label mass;

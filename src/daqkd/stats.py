@@ -55,7 +55,9 @@ def _spearman_numerators(rank_x: np.ndarray, rank_y_perm: np.ndarray) -> np.ndar
     return rank_y_perm @ (rank_x - rank_x.mean())
 
 
-def _kendall_numerators(sign_x: np.ndarray, rank_y_perm: np.ndarray, pairs: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+def _kendall_numerators(
+    sign_x: np.ndarray, rank_y_perm: np.ndarray, pairs: tuple[np.ndarray, np.ndarray]
+) -> np.ndarray:
     """Sum over pairs i < j of sign(x_i - x_j) sign(y_i - y_j) per row (tau-b's numerator).
 
     rank_y_perm holds ranks (halves for ties): doubled they are small integers, so the pairs are

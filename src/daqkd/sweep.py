@@ -40,7 +40,9 @@ def correlation(figure: list[float], accuracy: list[float]) -> Correlation | Non
     return rank_correlation(figure, accuracy)
 
 
-def ranking_figures(cand: dict[str, Any], cmi_weight: float, images: int | None, group_size: int | None) -> dict[str, Any]:
+def ranking_figures(
+    cand: dict[str, Any], cmi_weight: float, images: int | None, group_size: int | None
+) -> dict[str, Any]:
     """The controls of one ranked candidate, filling in what older rank.json files lack
     (sample_score from ce and cmi; the variance's group count and standard error)."""
     sample = cand.get("sample_score")
@@ -206,7 +208,9 @@ def verdict_lines(analysis: dict[str, Any], picks: dict[str, str | None]) -> tup
     if default is not None:
         g = gain["pick_vs_default"]
         if pick == default:
-            lines.append(f"The metric's pick is the default ({default}): its gain over the default is 0 by construction.")
+            lines.append(
+                f"The metric's pick is the default ({default}): its gain over the default is 0 by construction."
+            )
         elif g is None:
             lines.append(f"The metric's pick {pick} vs the default {default}: not measured (no seed has both runs).")
             warnings.append(f"pick vs default not measured: train the default {default} (the same `daqkd sweep` "
@@ -235,9 +239,11 @@ def verdict_lines(analysis: dict[str, Any], picks: dict[str, str | None]) -> tup
         lines.append(f"The score's ranking against the teacher-accuracy ranking: Spearman {agree['spearman']:+.3f} "
                      f"over {agree['n']} candidates.")
     acc_pick = picks["teacher_accuracy"]
-    lines.append(f"The metric's pick {'is the same as' if pick == acc_pick else 'differs from'} the pick of teacher "
-                 f"accuracy ({acc_pick}); the CMI term {'did not change' if pick == picks['score_without_cmi'] else 'changed'}"
-                 f" the pick (without it: {picks['score_without_cmi']}).")
+    lines.append(
+        f"The metric's pick {'is the same as' if pick == acc_pick else 'differs from'} the pick of teacher "
+        f"accuracy ({acc_pick}); the CMI term {'did not change' if pick == picks['score_without_cmi'] else 'changed'}"
+        f" the pick (without it: {picks['score_without_cmi']})."
+    )
     if agree is not None and agree["spearman"] == -1.0:
         lines.append("The score orders the candidates exactly as the teacher's accuracy under each DA does, so this "
                      "sweep cannot credit the metric with anything beyond that control.")
@@ -363,9 +369,11 @@ def report_markdown(analysis: dict[str, Any], meta: dict[str, Any]) -> str:
     lines = [
         f"# daqkd sweep: {meta['title']}",
         "",
-        (f"Finished {s['candidates_finished']} of {s['candidates_swept']} candidates "
-         f"({meta['runs_finished']} of {meta['runs_total']} runs, the default's included), "
-         f"{meta['train_seconds'] / 3600:.2f} h of training on {meta['device']}. Command: `{meta['command']}`"),
+        (
+            f"Finished {s['candidates_finished']} of {s['candidates_swept']} candidates "
+            f"({meta['runs_finished']} of {meta['runs_total']} runs, the default's included), "
+            f"{meta['train_seconds'] / 3600:.2f} h of training on {meta['device']}. Command: `{meta['command']}`"
+        ),
         "",
         "## Verdict",
         "",
@@ -374,20 +382,27 @@ def report_markdown(analysis: dict[str, Any], meta: dict[str, Any]) -> str:
         "",
         "## Does the ranking predict the students' accuracy? The metric beside its controls",
         "",
-        ("Each row correlates a figure of the teacher's predictions under each candidate DA with the candidates' "
-         "student top-1 (mean over seeds). `better` is the direction the figure prefers: a figure that predicts "
-         "accuracy correlates negatively when lower is better, positively when higher is better (`direction`). "
-         "Two-sided p-values, exact over all n! pairings for n <= 10."),
+        (
+            "Each row correlates a figure of the teacher's predictions under each candidate DA with the candidates' "
+            "student top-1 (mean over seeds). `better` is the direction the figure prefers: a figure that predicts "
+            "accuracy correlates negatively when lower is better, positively when higher is better (`direction`). "
+            "Two-sided p-values, exact over all n! pairings for n <= 10."
+        ),
         "",
         "| figure | better | Spearman rho | p | Kendall tau | p | p-values | direction |",
         "|---|---|---|---|---|---|---|---|",
-        *[_corr_line(CONTROL_LABELS[name], analysis["controls"].get(name)) for name in CONTROLS
-          if name in analysis["controls"]],
+        *[
+            _corr_line(CONTROL_LABELS[name], analysis["controls"].get(name))
+            for name in CONTROLS
+            if name in analysis["controls"]
+        ],
         "",
         "## Gain of the metric's pick",
         "",
-        ("Per-seed paired differences in final student top-1 (percentage points), their mean and Student-t 95% "
-         "interval. The median candidate is taken per seed over all swept candidates."),
+        (
+            "Per-seed paired differences in final student top-1 (percentage points), their mean and Student-t 95% "
+            "interval. The median candidate is taken per seed over all swept candidates."
+        ),
         "",
         "| comparison | mean | 95% CI | seeds | per-seed differences |",
         "|---|---|---|---|---|",
@@ -399,7 +414,8 @@ def report_markdown(analysis: dict[str, Any], meta: dict[str, Any]) -> str:
         "| | DA | student top-1 |",
         "|---|---|---|",
         f"| metric's pick | {s['metric_pick']} | {_pct(s.get('metric_pick_top1'))} |",
-        f"| teacher-accuracy pick (control) | {s['teacher_accuracy_pick']} | {_pct(s.get('teacher_accuracy_pick_top1'))} |",
+        (f"| teacher-accuracy pick (control) | {s['teacher_accuracy_pick']} "
+         f"| {_pct(s.get('teacher_accuracy_pick_top1'))} |"),
         f"| variance pick (Wang et al.) | {s['variance_pick']} | {_pct(s.get('variance_pick_top1'))} |",
         f"| default | {default or 'n/a'} | {_pct(s.get('default_top1'))} |",
         f"| best candidate | {s.get('best', 'n/a')} | {_pct(s.get('best_top1'))} |",
@@ -407,8 +423,10 @@ def report_markdown(analysis: dict[str, Any], meta: dict[str, Any]) -> str:
         "",
         "## Every DA (ranking order; the default last when it is not a candidate)",
         "",
-        ("| rank | DA | score | centroid CE | CMI | sample score | variance ± SE (groups) | var. rank | teacher acc. "
-         "| student top-1 | best-epoch top-1 | seeds |"),
+        (
+            "| rank | DA | score | centroid CE | CMI | sample score | variance ± SE (groups) | var. rank "
+            "| teacher acc. | student top-1 | best-epoch top-1 | seeds |"
+        ),
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in analysis["candidates"]:
@@ -417,15 +435,25 @@ def report_markdown(analysis: dict[str, Any], meta: dict[str, Any]) -> str:
             se = f" ± {r['variance_se']:.5f}" if r.get("variance_se") else ""
             groups = f" ({r['variance_groups']})" if r.get("variance_groups") else ""
             score_se = f" ± {r['score_se']:.4f}" if r.get("score_se") else ""
-            figures = (f"{r['rank']} | {r['name']} | {_num(r['score'])}{score_se} | {_num(r['centroid_ce'])} | {_num(r['cmi'])} | "
-                       f"{_num(r['sample_score'])} | {_num(r['variance'], 5)}{se}{groups} | {r['variance_rank']} | "
-                       f"{100 * r['teacher_accuracy']:.2f}%")
+            figures = (
+                f"{r['rank']} | {r['name']} | {_num(r['score'])}{score_se} | {_num(r['centroid_ce'])} | "
+                f"{_num(r['cmi'])} | "
+                f"{_num(r['sample_score'])} | {_num(r['variance'], 5)}{se}{groups} | {r['variance_rank']} | "
+                f"{100 * r['teacher_accuracy']:.2f}%"
+            )
         else:
             figures = f"- | {r['name']} (default, not a candidate) | | | | | | | "
         lines.append(f"| {figures} | {r['top1']:.2f}%{std} | {r['best_top1']:.2f}% | {len(r['seeds'])} |")
-    lines += ["", ("Student top-1 is the test top-1 after the last epoch (mean over seeds ± their standard deviation), "
-                   "not the best epoch's, so no test-set selection enters the comparison. The variance's standard "
-                   "error is the normal-theory bound variance / sqrt(2 (groups - 1)); the score's (where the ranking has it)"
-                   " is the jackknife's over blocks of the ranking pass."),
-              "", "![scatter](scatter.png)", ""]
+    lines += [
+        "",
+        (
+            "Student top-1 is the test top-1 after the last epoch (mean over seeds ± their standard deviation), "
+            "not the best epoch's, so no test-set selection enters the comparison. The variance's standard "
+            "error is the normal-theory bound variance / sqrt(2 (groups - 1)); the score's (where the ranking has it)"
+            " is the jackknife's over blocks of the ranking pass."
+        ),
+        "",
+        "![scatter](scatter.png)",
+        "",
+    ]
     return "\n".join(lines)

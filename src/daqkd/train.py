@@ -263,13 +263,21 @@ class Trainer:
 
     def _train_epoch(self) -> dict[str, Any]:
         config, epoch = self.config, self.epoch
-        order = torch.randperm(len(self.train_data), generator=torch.Generator().manual_seed(mix_seed(config.seed, epoch)))
+        order = torch.randperm(
+            len(self.train_data), generator=torch.Generator().manual_seed(mix_seed(config.seed, epoch))
+        )
         bar = None
         if self.progress and is_main_process():
             from tqdm import tqdm
 
-            bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
-                       unit="batch", leave=False, dynamic_ncols=True)
+            bar = tqdm(
+                total=self.steps_per_epoch,
+                initial=self.step_in_epoch,
+                desc=f"epoch {epoch + 1}/{config.epochs}",
+                unit="batch",
+                leave=False,
+                dynamic_ncols=True,
+            )
         sums: dict[str, float] = {}
         seen = 0
         start = time.perf_counter()

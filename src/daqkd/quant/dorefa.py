@@ -21,7 +21,9 @@ from .base import QuantConfig, Quantizer, register_quantizer
 from .functional import clip_quantize, quantize_unit, sign_ste
 
 
-def quantize_activation_range(x: torch.Tensor, bits: int, signed: bool, top: torch.Tensor | float = 1.0) -> torch.Tensor:
+def quantize_activation_range(
+    x: torch.Tensor, bits: int, signed: bool, top: torch.Tensor | float = 1.0
+) -> torch.Tensor:
     """Clip to [0, top] (or [-top, top] if signed) and quantize to 2^bits levels, straight-through."""
     high = torch.as_tensor(top, dtype=x.dtype, device=x.device)
     return clip_quantize(x, -high if signed else high.new_zeros(()), high, bits)

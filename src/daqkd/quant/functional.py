@@ -101,7 +101,9 @@ def _cpu_bound(value: torch.Tensor | float, dtype: torch.dtype, toward: float) -
     return float(torch.nextafter(value, torch.tensor(toward, dtype=dtype)))
 
 
-def pass_between(grad: torch.Tensor, x: torch.Tensor, low: torch.Tensor | float, high: torch.Tensor | float) -> torch.Tensor:
+def pass_between(
+    grad: torch.Tensor, x: torch.Tensor, low: torch.Tensor | float, high: torch.Tensor | float
+) -> torch.Tensor:
     """grad where low <= x <= high, else 0 (the gradient of clamp; low and high are scalars).
 
     On CPU via hardtanh_backward, a float kernel: boolean masks and ``where`` run ~7x slower there

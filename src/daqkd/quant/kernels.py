@@ -56,7 +56,9 @@ def _compile(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @_compile
-def ewgs_forward(x: torch.Tensor, lower: torch.Tensor, width: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor]:
+def ewgs_forward(
+    x: torch.Tensor, lower: torch.Tensor, width: torch.Tensor, top: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(q, scaled): scaled = (x - l) top / (u - l); q = round(clip(scaled, 0, top)) / top."""
     scaled = (x - lower) * (top / width)
     return torch.round(scaled.clamp(0, top)) / top, scaled
