@@ -46,7 +46,7 @@ def test_batched_op_equals_torchvision_per_image(op: str, interpolation: str) ->
         assert torch.equal(ours[i], expected), f"{op} differs from torchvision on image {i}"
 
 
-@pytest.mark.parametrize("name", [n for n in known_names() if n not in ("identity", "identity+cutmix")])
+@pytest.mark.parametrize("name", [n for n in known_names() if n.partition("+")[0] != "identity"])
 def test_augmentation_is_random_per_image(name: str) -> None:
     same = images(1).expand(64, -1, -1, -1).contiguous()
     out, _ = Candidate(name, 10)(same, torch.zeros(64, dtype=torch.int64), torch.Generator().manual_seed(0))
@@ -137,3 +137,45 @@ def test_large_mixed_size_images_get_resized_crops() -> None:
         out, targets = Candidate(name, 4, crop_size=48)(varied, torch.arange(5) % 4, g)
         assert out.shape == (5, 3, 48, 48) and out.dtype == torch.uint8
         assert targets.shape[0] == 5
+
+
+def test_mixup_equals_torchvision_on_float_images() -> None:
+    from torchvision.transforms import v2
+
+    from daqkd.augment import mixup
+
+    batch, labels = images()[:8], torch.arange(8) % 10
+    mixed, soft = mixup(batch, labels, 10, torch.Generator().manual_seed(4))
+    seed = int(torch.randint(2**62, (1,), generator=torch.Generator().manual_seed(4)))
+    torch.manual_seed(seed)
+    reference, reference_soft = v2.MixUp(alpha=1.0, num_classes=10)(batch.float(), labels)
+    assert mixed.dtype == torch.uint8 and torch.equal(mixed, reference.round().to(torch.uint8))
+    assert torch.allclose(soft, reference_soft)
+    lam = float(soft[0, labels[0]])  # torchvision pairs image i with image i-1
+    assert torch.allclose(soft[0], lam * torch.eye(10)[labels[0]] + (1 - lam) * torch.eye(10)[labels[-1]])
+    _, targets = Candidate("randaugment+mixup", 10)(batch, labels, torch.Generator().manual_seed(4))
+    assert targets.shape == (8, 10) and torch.allclose(targets.sum(1), torch.ones(8))
+
+
+def test_registering_a_da_is_one_decorator_and_leaves_all_alone() -> None:
+    from daqkd.augment import PAPER_CANDIDATES, POLICIES, parse_candidates, register_policy
+
+    paper = list(PAPER_CANDIDATES)
+    assert len(paper) == 16 and parse_candidates("all") == paper
+
+    @register_policy("invert-all")
+    class InvertAll:
+        def __call__(self, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+            return 255 - batch
+
+    try:
+        assert "invert-all" in known_names() and "invert-all+mixup" in known_names()
+        assert parse_candidates("all") == paper  # a new DA does not join the paper's list
+        batch = images()[:4]
+        out, _ = Candidate("invert-all", 10)(batch, torch.zeros(4), torch.Generator().manual_seed(0))
+        base = Candidate("none", 10).base_view(batch, torch.Generator().manual_seed(0))
+        assert torch.equal(out, 255 - base)  # the base crop + flip, then the policy
+        with pytest.raises(ValueError, match="already registered"):
+            register_policy("invert-all")(InvertAll)
+    finally:
+        del POLICIES["invert-all"]

@@ -1,5 +1,7 @@
-"""Data augmentation: batched per-image policies, the base crop + flip, CutMix, the registry."""
+"""Data augmentation: batched per-image policies, the base crop + flip, batch mixers, the registry."""
 
-from .registry import PAPER_CANDIDATES, Candidate, cutmix, known_names, parse_candidates
+from .base import POLICIES, register_policy
+from .registry import MIXERS, PAPER_CANDIDATES, Candidate, cutmix, known_names, mixup, parse_candidates
 
-__all__ = ["PAPER_CANDIDATES", "Candidate", "cutmix", "known_names", "parse_candidates"]
+__all__ = ["MIXERS", "PAPER_CANDIDATES", "POLICIES", "Candidate", "cutmix", "known_names", "mixup",
+           "parse_candidates", "register_policy"]

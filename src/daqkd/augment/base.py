@@ -9,12 +9,30 @@ Resize(crop_size * 8/7) + CenterCrop for the clean view, image by image.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torchvision.transforms.v2 import functional as TF
 
 SMALL_IMAGE_MAX = 64
+
+# A policy: (N, C, H, W) uint8 images and a CPU generator -> augmented uint8 images, per image.
+Policy = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+# Name -> a factory of the policy; "none" is the base augmentation alone.
+POLICIES: dict[str, Callable[[], Policy] | None] = {"none": None}
+
+
+def register_policy(name: str) -> Callable[[Callable[[], Policy]], Callable[[], Policy]]:
+    """Class or function decorator: make the policy ``name`` a candidate DA (``NAME`` and
+    ``NAME+<mixer>``). It does not join ``all``, the paper's fixed list."""
+
+    def register(factory: Callable[[], Policy]) -> Callable[[], Policy]:
+        if name in POLICIES:
+            raise ValueError(f"a DA called {name!r} is already registered")
+        POLICIES[name] = factory
+        return factory
+
+    return register
 
 
 def random_crop_flip(images: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:

@@ -13,17 +13,21 @@ read from torchvision itself, so the distributions are torchvision's:
 - RandomErasing: Zhong et al., AAAI 2020 (p 0.5, area 2-33 %, aspect 0.3-3.3, zero fill).
 
 Input and output: uint8 images (N, C, H, W) on any device; random draws happen on the CPU
-generator, so a seed gives the same augmentation on CPU and CUDA.
+generator, so a seed gives the same augmentation on CPU and CUDA. Each policy registers itself by
+name (:func:`daqkd.augment.base.register_policy`): adding a DA is a class in this file (or any
+module the registry imports) with that decorator.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torchvision.transforms import v2
 
+from .base import register_policy
 from .ops import BATCH_OPS
 
 # name -> (magnitude bins for (num_bins, height, width), whether the sign is random)
@@ -66,18 +70,36 @@ def random_signs(signed: torch.Tensor, generator: torch.Generator) -> torch.Tens
     return 1.0 - 2.0 * flip.double()
 
 
-class AutoAugmentPolicy:
+class OpSpacePolicy:
+    """Base of the policies that draw ops from one of torchvision's op spaces (AutoAugment,
+    RandAugment, TrivialAugmentWide, AugMix): the space, its op names and signs, signed magnitudes,
+    and the batched application. Subclasses implement ``__call__(images, generator)``."""
+
+    def __init__(self, space: OpSpace, interpolation: str) -> None:
+        self.space = space
+        self.op_names = list(space)
+        self.interpolation = interpolation
+        self.signed = torch.tensor([sig for _, sig in space.values()])
+
+    def magnitudes(self, table: torch.Tensor, op: torch.Tensor, column: torch.Tensor | int,
+                   generator: torch.Generator) -> torch.Tensor:
+        """(N,) magnitudes ``table[op, column]``, negated with probability 1/2 for signed ops."""
+        return table[op, column] * random_signs(self.signed[op], generator)
+
+    def apply(self, images: torch.Tensor, op: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+        """Op ``op[i]`` (-1: none) at ``magnitude[i]`` on image i."""
+        return apply_ops(images, op, magnitude, self.op_names, self.interpolation)
+
+
+class AutoAugmentPolicy(OpSpacePolicy):
     """AutoAugment: one of 25 learned sub-policies per image, each two ops with probabilities."""
 
     def __init__(self, policy: v2.AutoAugmentPolicy, interpolation: str = "nearest") -> None:
-        self.space: OpSpace = v2.AutoAugment._AUGMENTATION_SPACE
-        self.op_names = list(self.space)
-        self.interpolation = interpolation
+        super().__init__(v2.AutoAugment._AUGMENTATION_SPACE, interpolation)
         sub_policies = v2.AutoAugment(policy)._policies
         self.op_id = torch.tensor([[self.op_names.index(op) for op, _, _ in p] for p in sub_policies])
         self.prob = torch.tensor([[prob for _, prob, _ in p] for p in sub_policies])
         self.bin = torch.tensor([[b if b is not None else 0 for _, _, b in p] for p in sub_policies])
-        self.signed = torch.tensor([sig for _, sig in self.space.values()])
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         n, _, h, w = images.shape
@@ -86,53 +108,51 @@ class AutoAugmentPolicy:
         for slot in range(2):
             op = self.op_id[chosen, slot]
             applied = torch.rand(n, generator=generator) <= self.prob[chosen, slot]
-            magnitude = table[op, self.bin[chosen, slot]] * random_signs(self.signed[op], generator)
-            images = apply_ops(images, torch.where(applied, op, -1), magnitude, self.op_names,
-                               self.interpolation)
+            magnitude = self.magnitudes(table, op, self.bin[chosen, slot], generator)
+            images = self.apply(images, torch.where(applied, op, -1), magnitude)
         return images
 
 
-class RandAugmentPolicy:
+for _policy in (v2.AutoAugmentPolicy.CIFAR10, v2.AutoAugmentPolicy.IMAGENET, v2.AutoAugmentPolicy.SVHN):
+    register_policy(f"autoaugment-{_policy.value}")(partial(AutoAugmentPolicy, _policy))
+
+
+@register_policy("randaugment")
+class RandAugmentPolicy(OpSpacePolicy):
     """RandAugment: ``num_ops`` uniformly chosen ops per image at a fixed magnitude bin."""
 
     def __init__(self, num_ops: int = 2, magnitude: int = 9, num_bins: int = 31,
                  interpolation: str = "nearest") -> None:
-        self.space: OpSpace = v2.RandAugment._AUGMENTATION_SPACE
-        self.op_names = list(self.space)
+        super().__init__(v2.RandAugment._AUGMENTATION_SPACE, interpolation)
         self.num_ops, self.magnitude_bin, self.num_bins = num_ops, magnitude, num_bins
-        self.interpolation = interpolation
-        self.signed = torch.tensor([sig for _, sig in self.space.values()])
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         n, _, h, w = images.shape
         table = magnitude_table(self.space, self.num_bins, h, w)
         for _ in range(self.num_ops):
             op = torch.randint(len(self.op_names), (n,), generator=generator)
-            magnitude = table[op, self.magnitude_bin] * random_signs(self.signed[op], generator)
-            images = apply_ops(images, op, magnitude, self.op_names, self.interpolation)
+            images = self.apply(images, op, self.magnitudes(table, op, self.magnitude_bin, generator))
         return images
 
 
-class TrivialAugmentWidePolicy:
+@register_policy("trivialaugment")
+class TrivialAugmentWidePolicy(OpSpacePolicy):
     """TrivialAugment (wide space): one uniformly chosen op per image, uniform magnitude bin."""
 
     def __init__(self, num_bins: int = 31, interpolation: str = "nearest") -> None:
-        self.space: OpSpace = v2.TrivialAugmentWide._AUGMENTATION_SPACE
-        self.op_names = list(self.space)
+        super().__init__(v2.TrivialAugmentWide._AUGMENTATION_SPACE, interpolation)
         self.num_bins = num_bins
-        self.interpolation = interpolation
-        self.signed = torch.tensor([sig for _, sig in self.space.values()])
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         n, _, h, w = images.shape
         table = magnitude_table(self.space, self.num_bins, h, w)
         op = torch.randint(len(self.op_names), (n,), generator=generator)
         level = torch.randint(self.num_bins, (n,), generator=generator)
-        magnitude = table[op, level] * random_signs(self.signed[op], generator)
-        return apply_ops(images, op, magnitude, self.op_names, self.interpolation)
+        return self.apply(images, op, self.magnitudes(table, op, level, generator))
 
 
-class AugMixPolicy:
+@register_policy("augmix")
+class AugMixPolicy(OpSpacePolicy):
     """AugMix: a convex mix of the image and ``width`` chains of 1-3 random ops, per image.
 
     m ~ Dirichlet(alpha, alpha); chain weights ~ Dirichlet(alpha * ones(width)) * m[1];
@@ -141,11 +161,8 @@ class AugMixPolicy:
 
     def __init__(self, severity: int = 3, width: int = 3, depth: int = -1, alpha: float = 1.0,
                  interpolation: str = "bilinear") -> None:
-        self.space: OpSpace = v2.AugMix._AUGMENTATION_SPACE
-        self.op_names = list(self.space)
+        super().__init__(v2.AugMix._AUGMENTATION_SPACE, interpolation)
         self.severity, self.width, self.depth, self.alpha = severity, width, depth, alpha
-        self.interpolation = interpolation
-        self.signed = torch.tensor([sig for _, sig in self.space.values()])
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         n, _, h, w = images.shape
@@ -166,13 +183,13 @@ class AugMixPolicy:
             for step in range(int(depth.max())):
                 op = torch.randint(len(self.op_names), (n,), generator=generator)
                 level = torch.randint(self.severity, (n,), generator=generator)
-                magnitude = table[op, level] * random_signs(self.signed[op], generator)
-                op = torch.where(depth > step, op, -1)
-                chain = apply_ops(chain, op, magnitude, self.op_names, self.interpolation)
+                magnitude = self.magnitudes(table, op, level, generator)
+                chain = self.apply(chain, torch.where(depth > step, op, -1), magnitude)
             mix += chain * weights[:, i].to(**to_device).view(-1, 1, 1, 1)
         return mix.to(torch.uint8)
 
 
+@register_policy("randomerasing")
 class RandomErasingPolicy:
     """Random erasing: with probability p, zero a random rectangle of each image.
 

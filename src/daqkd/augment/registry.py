@@ -1,56 +1,47 @@
 """Candidate data augmentations by name.
 
-A candidate is ``NAME`` or ``NAME+cutmix``:
+A candidate is ``NAME`` or ``NAME+MIXER``:
 
 - ``identity``: the clean images, no augmentation at all (for large images the evaluation
   resize + center crop);
 - ``none``: the base augmentation only (random crop + flip, see :mod:`daqkd.augment.base`);
-- ``autoaugment-cifar10``, ``autoaugment-imagenet``, ``autoaugment-svhn``, ``randaugment``,
-  ``trivialaugment``, ``augmix``, ``randomerasing``: the base augmentation, then that policy;
-- ``+cutmix``: then batch-level CutMix (Yun et al., ICCV 2019; alpha 1, as torchvision's
-  ``v2.CutMix``), which mixes consecutive images of the (shuffled) batch and makes soft labels.
+- a registered policy (:mod:`daqkd.augment.policies`: ``autoaugment-cifar10``,
+  ``autoaugment-imagenet``, ``autoaugment-svhn``, ``randaugment``, ``trivialaugment``, ``augmix``,
+  ``randomerasing``): the base augmentation, then that policy, per image;
+- ``+cutmix`` or ``+mixup``: then a batch-level mixer from :data:`MIXERS` (CutMix, Yun et al., ICCV
+  2019; MixUp, Zhang et al., ICLR 2018; alpha 1, as torchvision's ``v2.CutMix``/``v2.MixUp``), which
+  mixes neighbouring images of the (shuffled) batch and makes soft labels.
 
-``all`` stands for the paper's 16 candidates: the 8 DAs other than ``identity``, each with and
-without CutMix.
+``all`` stands for the paper's 16 candidates (:data:`PAPER_CANDIDATES`, a fixed list: registering a
+DA does not change it).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torchvision.transforms import v2
 
 from ..errors import DaqkdError
-from .base import SMALL_IMAGE_MAX, center_view, random_crop_flip, random_resized_crop_flip
-from .policies import (
-    AugMixPolicy,
-    AutoAugmentPolicy,
-    RandAugmentPolicy,
-    RandomErasingPolicy,
-    TrivialAugmentWidePolicy,
-)
+from . import policies as _policies  # noqa: F401  (registers the built-in policies)
+from .base import POLICIES, SMALL_IMAGE_MAX, Policy, center_view, random_crop_flip, random_resized_crop_flip
 
-Policy = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
-
-POLICIES: dict[str, Callable[[], Policy] | None] = {
-    "none": None,
-    "autoaugment-cifar10": lambda: AutoAugmentPolicy(v2.AutoAugmentPolicy.CIFAR10),
-    "autoaugment-imagenet": lambda: AutoAugmentPolicy(v2.AutoAugmentPolicy.IMAGENET),
-    "autoaugment-svhn": lambda: AutoAugmentPolicy(v2.AutoAugmentPolicy.SVHN),
-    "randaugment": RandAugmentPolicy,
-    "trivialaugment": TrivialAugmentWidePolicy,
-    "augmix": AugMixPolicy,
-    "randomerasing": RandomErasingPolicy,
-}
-CUTMIX_SUFFIX = "+cutmix"
-PAPER_CANDIDATES = [name + suffix for suffix in ("", CUTMIX_SUFFIX) for name in POLICIES]
+# The candidates of Kur & Zhao's experiments, in their order: 8 DAs, then the same with CutMix.
+PAPER_CANDIDATES = [
+    "none", "autoaugment-cifar10", "autoaugment-imagenet", "autoaugment-svhn", "randaugment",
+    "trivialaugment", "augmix", "randomerasing",
+    "none+cutmix", "autoaugment-cifar10+cutmix", "autoaugment-imagenet+cutmix", "autoaugment-svhn+cutmix",
+    "randaugment+cutmix", "trivialaugment+cutmix", "augmix+cutmix", "randomerasing+cutmix",
+]
 
 
 def known_names() -> list[str]:
-    """Every candidate name, ``identity`` first."""
-    return ["identity"] + PAPER_CANDIDATES + ["identity" + CUTMIX_SUFFIX]
+    """Every candidate name: ``identity`` first, then each registered policy alone and with each mixer."""
+    names = ["identity", *POLICIES]
+    return names + [f"{name}+{mixer}" for mixer in MIXERS for name in names]
 
 
 def parse_candidates(text: str) -> list[str]:
@@ -85,13 +76,12 @@ class Candidate:
     name: str
     num_classes: int
     crop_size: int = 224
-    mix_group: int = 0  # CutMix: one draw per this many images (0: per batch, as in training)
+    mix_group: int = 0  # mixers: one draw per this many images (0: per batch, as in training)
 
     def __post_init__(self) -> None:
         if self.name not in known_names():
             parse_candidates(self.name)  # raises the error that lists the names
-        self.policy_name = self.name.removesuffix(CUTMIX_SUFFIX)
-        self.cutmix = self.name.endswith(CUTMIX_SUFFIX)
+        self.policy_name, _, self.mixer = self.name.partition("+")
         factory = POLICIES.get(self.policy_name)
         self.policy: Policy | None = factory() if factory is not None else None
 
@@ -113,30 +103,46 @@ class Candidate:
         out = self.base_view(images, generator) if base is None else base
         if self.policy is not None:
             out = self.policy(out, generator)
-        if self.cutmix:
-            return cutmix(out, labels, self.num_classes, generator, self.mix_group)
+        if self.mixer:
+            return MIXERS[self.mixer](out, labels, self.num_classes, generator, self.mix_group)
         return out, labels
 
+    @property
+    def mixes(self) -> bool:
+        """Whether a batch-level mixer makes soft labels."""
+        return bool(self.mixer)
 
-def cutmix(images: torch.Tensor, labels: torch.Tensor, num_classes: int,
-           generator: torch.Generator, group: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """torchvision's ``v2.CutMix(alpha=1)`` on the batch, seeded from ``generator``.
 
-    Returns mixed uint8 images and (N, num_classes) float32 soft labels. One box and one lambda
-    per batch, by design of CutMix; the images are paired with their neighbours in the batch.
+def batch_mix(transform: type[v2.CutMix | v2.MixUp], images: torch.Tensor, labels: torch.Tensor,
+              num_classes: int, generator: torch.Generator, group: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """torchvision's ``transform(alpha=1)`` (v2.CutMix or v2.MixUp) on the batch, seeded from ``generator``.
+
+    Returns mixed uint8 images and (N, num_classes) float32 soft labels. One draw (box, lambda) per
+    batch, by design of these mixers; the images are paired with their neighbours in the batch.
     ``group`` > 0 applies it to consecutive chunks of ``group`` images instead, each with its own
-    box and lambda: every image is still mixed with a neighbour under a lambda ~ Beta(1, 1), so each
-    mixed sample has the same distribution, but a ranking pass over few images then averages over
-    many draws instead of resting on one (a batch of 256 gets 32 draws at group 8). Mixing in
-    groups of g is the same as mixing batches of g.
+    draw: every image is still mixed with a neighbour under a lambda ~ Beta(1, 1), so each mixed
+    sample has the same distribution, but a ranking pass over few images then averages over many
+    draws instead of resting on one (a batch of 256 gets 32 draws at group 8). Mixing in groups of g
+    is the same as mixing batches of g. MixUp blends in float32 and rounds back to uint8 (at most half
+    a level from the exact blend).
     """
     labels = labels.to(images.device)
     if 0 < group < images.shape[0]:
-        parts = [cutmix(images[i:i + group], labels[i:i + group], num_classes, generator)
+        parts = [batch_mix(transform, images[i:i + group], labels[i:i + group], num_classes, generator)
                  for i in range(0, images.shape[0], group)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     seed = int(torch.randint(2**62, (1,), generator=generator))
+    blend = transform is v2.MixUp
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        mixed, soft = v2.CutMix(alpha=1.0, num_classes=num_classes)(images, labels)
+        mixed, soft = transform(alpha=1.0, num_classes=num_classes)(images.float() if blend else images, labels)
+    if blend:
+        mixed = mixed.round_().clamp_(0, 255).to(torch.uint8)
     return mixed, soft.float()
+
+
+cutmix = partial(batch_mix, v2.CutMix)
+mixup = partial(batch_mix, v2.MixUp)
+
+# Batch-level mixers by suffix: (images, labels, num_classes, generator, group) -> (images, soft labels).
+MIXERS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {"cutmix": cutmix, "mixup": mixup}
