@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from daqkd.augment import PAPER_CANDIDATES, Candidate
-from daqkd.checkpoint import load_model
 from daqkd.data import load_image_folder
+from daqkd.loading import load_model
 from daqkd.rank import RankConfig, TeacherRunner, rank_candidates
 from daqkd.runtime import mix_seed, select_device
 

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from daqkd.augment import Candidate
-from daqkd.checkpoint import load_model
 from daqkd.data import load_image_folder
 from daqkd.distill import create_loss
+from daqkd.loading import load_model
 from daqkd.quant import QuantConfig, quantize_model
 from daqkd.runtime import mix_seed, select_device
 from daqkd.train import TrainConfig, Trainer

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from daqkd.augment import Candidate, parse_candidates
-from daqkd.checkpoint import load_model
 from daqkd.data import load_data
+from daqkd.loading import load_model
 from daqkd.metric import DAStatistics
 from daqkd.quant import QuantConfig, Quantizer, kernels, quantize_model
 

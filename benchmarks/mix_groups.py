@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from daqkd.checkpoint import load_model
 from daqkd.data import load_image_folder
+from daqkd.loading import load_model
 from daqkd.rank import RankConfig, TeacherRunner, rank_candidates
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from daqkd.checkpoint import load_model, read_checkpoint
+from daqkd.checkpoint import read_checkpoint
 from daqkd.cli import main
 from daqkd.data import ImageSet, load_array_archive
+from daqkd.loading import load_model
 from daqkd.models import create_model
 from daqkd.train import evaluate
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from daqkd.checkpoint import load_model, read_checkpoint, save_checkpoint
+from daqkd.checkpoint import read_checkpoint, save_checkpoint
 from daqkd.errors import DaqkdError
+from daqkd.loading import load_model
 from daqkd.models import NormalizedModel, create_model, parse_normalization
 
 
@@ -141,7 +142,7 @@ def test_published_weights_go_through_every_command(tmp_path: Path, tiny_folder:
                  "--no-progress"]) == 0
     student = json.loads((tmp_path / "s" / "config.json").read_text())["args"]
     assert student["normalize"] == "cifar100-chenyaofo"
-    from daqkd.checkpoint import load_model as load
+    from daqkd.loading import load_model as load
     model, info = load(tmp_path / "s", num_classes=3)
     assert info["arch"] == "resnet20b" and info["quant"]["w_bits"] == 4
     assert info["normalize"] == parse_normalization("cifar100-chenyaofo").spec()

@@ -10,9 +10,9 @@ import torch
 import torchvision
 from torch import nn
 
-from daqkd.checkpoint import load_model
 from daqkd.data import load_image_folder
 from daqkd.errors import DaqkdError
+from daqkd.loading import load_model
 from daqkd.models import create_model
 from daqkd.quant import (
     QuantConfig,

@@ -57,7 +57,7 @@ def test_label_smoothing_applies_to_soft_targets_too() -> None:
 
 
 def test_data_statistics_over_every_pixel_of_mixed_sizes() -> None:
-    from daqkd.cli_train import data_statistics
+    from daqkd.api import data_statistics
     from daqkd.data import ImageSet
 
     generator = torch.Generator().manual_seed(0)

@@ -3,14 +3,13 @@
 Reads ``.th/.pt/.pth`` files with ``torch.load(weights_only=True)`` (never arbitrary unpickling;
 nested ``state_dict``/``model`` entries and DataParallel's ``module.`` prefixes are handled) and
 ``.safetensors`` files. The project's own checkpoints are safetensors whose metadata holds a JSON
-``daqkd`` entry (arch, classes, normalization, ...), written atomically.
+``daqkd`` entry (arch, classes, normalization, ...), written atomically. Reading and writing only:
+building models from checkpoints is :mod:`daqkd.loading`.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
 from .errors import DaqkdError
+from .rundir import atomic_path
 
 METADATA_KEY = "daqkd"
 
@@ -54,89 +54,11 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     return {k.removeprefix("module."): v for k, v in obj.items()}, {}
 
 
-def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path,
-                           arch: str) -> None:
-    """``model.load_state_dict(state)`` with one clear error line when they do not fit."""
-    own = model.state_dict()
-    # BatchNorm fills in num_batches_tracked, which checkpoints from before PyTorch 0.4.1 lack.
-    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in own]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
-        fits = fitting_architectures(state)
-        hint = f"--arch {' or '.join(fits)} fits them" if fits else "pass the --arch the weights were trained with"
-        raise DaqkdError(f"checkpoint {path} does not fit --arch {arch}: keys {'; '.join(parts)}; {hint}")
-    for key, value in own.items():
-        if key in state and state[key].shape != value.shape:
-            if value.ndim >= 1 and key == _head_key(own) and state[key].shape[1:] == value.shape[1:]:
-                raise DaqkdError(
-                    f"checkpoint {path} has {state[key].shape[0]} classes but the data has "
-                    f"{value.shape[0]}: pass weights trained on this data set"
-                )
-            raise DaqkdError(
-                f"checkpoint {path} does not fit --arch {arch}: {key} has shape "
-                f"{tuple(state[key].shape)}, the model wants {tuple(value.shape)}"
-            )
-    model.load_state_dict(state)
-
-
-def fitting_architectures(state: dict[str, torch.Tensor]) -> list[str]:
-    """The 32x32 models (by name) whose state dict has exactly these keys and shapes, for error hints.
-
-    Only the CIFAR registry is tried: its models are small enough to build on an error path.
-    """
-    from .models.registry import CIFAR_MODELS
-
-    head = _head_key(state)
-    if not head:
-        return []
-    num_classes = int(state[head].shape[0])
-    fits = []
-    for name, factory in CIFAR_MODELS.items():
-        own = factory(num_classes).state_dict()
-        keys = {k for k in own if not k.endswith("num_batches_tracked")}
-        if keys <= state.keys() <= own.keys() and all(state[k].shape == own[k].shape for k in keys):
-            fits.append(name)
-    return fits
-
-
-def _head_key(state: dict[str, torch.Tensor]) -> str:
-    """The weight of the last layer (the classifier head) in a state dict."""
-    weights = [k for k, v in state.items() if k.endswith("weight") and v.ndim == 2]
-    return weights[-1] if weights else ""
-
-
 def save_checkpoint(path: str | Path, model: nn.Module, metadata: dict[str, Any]) -> None:
-    """Write ``model``'s state dict and metadata as safetensors, atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``model``'s state dict and metadata as safetensors, atomically."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata={METADATA_KEY: json.dumps(metadata)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write text via a temp file and rename, so a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write JSON via a temp file and rename, so a reader never sees half a file."""
-    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={METADATA_KEY: json.dumps(metadata)})
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -148,71 +70,3 @@ def resolve_checkpoint(path: str | Path) -> Path:
             raise DaqkdError(f"{path} holds no model.safetensors: pass a finished run directory or a checkpoint file")
         return candidate
     return path
-
-
-def load_model(path: str | Path, *, arch: str | None = None, normalize: str | None = None,
-               num_classes: int | None = None, fallback_arch: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """Any classifier checkpoint as a model that takes uint8 images (a NormalizedModel).
-
-    ``path`` is a daqkd run directory or checkpoint (FP or quantized: architecture, normalization,
-    classes and quantization come from its metadata; ``arch``/``normalize``, if given, must agree
-    with them), or a published weights file without daqkd metadata (.th/.pt/.pth/.safetensors),
-    which needs ``arch`` (else ``fallback_arch``) and ``normalize``. ``num_classes`` (the data's)
-    sizes a foreign model's head and is checked against a daqkd checkpoint's.
-
-    Returns (model, info): info holds ``arch``, ``normalize`` (the m,m,m:s,s,s spec),
-    ``num_classes``, ``quant`` (a QuantConfig dict or None), ``classes`` (names or None),
-    ``weights`` (the file read) and ``foreign`` (True without daqkd metadata), plus the rest of a
-    daqkd checkpoint's metadata.
-    """
-    from .models import NAMED_NORMALIZATIONS, NormalizedModel, create_model, parse_normalization
-    from .quant import QuantConfig, quantize_model
-
-    file = resolve_checkpoint(path)
-    state, meta = read_checkpoint(file)
-    foreign = "arch" not in meta or "normalize" not in meta
-    if foreign:
-        arch = arch or fallback_arch
-        if arch is None:
-            raise DaqkdError(f"{file} does not say its architecture: pass --arch (e.g. resnet20, resnet56b)")
-        if normalize is None:
-            raise DaqkdError(
-                f"{file} does not say how its inputs were normalized: pass --normalize with the statistics "
-                f"it was trained with ({', '.join(NAMED_NORMALIZATIONS)} or m1,m2,m3:s1,s2,s3)"
-            )
-        if num_classes is None:
-            raise DaqkdError(f"{file} does not say how many classes it has: pass --data with its data set")
-        meta = {"arch": arch, "normalize": parse_normalization(normalize).spec(), "num_classes": num_classes,
-                "quant": None, "classes": None}
-    else:
-        if arch is not None and arch != meta["arch"]:
-            raise DaqkdError(f"{file} is a {meta['arch']} checkpoint, not --arch {arch}: drop --arch "
-                             "(daqkd checkpoints know their architecture)")
-        stored = parse_normalization(meta["normalize"])
-        if normalize is not None and parse_normalization(normalize) != stored:
-            raise DaqkdError(f"{file} was trained with normalization {stored.spec()}, not --normalize {normalize}: "
-                             "drop --normalize (daqkd checkpoints know their normalization)")
-        meta = {"num_classes": len(meta.get("classes") or []) or None, "quant": None, "classes": None, **meta}
-    classes = num_classes if num_classes is not None else meta["num_classes"]
-    if classes is None:
-        raise DaqkdError(f"{file} does not say how many classes it has: pass --data with its data set")
-    model = create_model(meta["arch"], int(classes))
-    if meta["quant"]:
-        quantize_model(model, QuantConfig(**meta["quant"]))
-    load_state_dict_strict(model, state, file, meta["arch"])
-    norm = parse_normalization(meta["normalize"])
-    info = {**meta, "normalize": norm.spec(), "weights": str(file), "foreign": foreign}
-    return NormalizedModel(model, norm), info
-
-
-def model_size_bytes(model: nn.Module) -> dict[str, float]:
-    """Bytes of the weights at their bit widths (quantized layers' weights at w_bits, everything else
-    at 32 bits) and at FP32."""
-    from .quant import quantized_layers
-
-    quant_bits = {id(m.weight): m.weight_quantizer.bits for m in quantized_layers(model).values()}
-    fp_bits = low_bits = 0
-    for p in model.parameters():
-        fp_bits += 32 * p.numel()
-        low_bits += quant_bits.get(id(p), 32) * p.numel()
-    return {"bytes": low_bits / 8, "fp32_bytes": fp_bits / 8, "compression": fp_bits / max(low_bits, 1)}

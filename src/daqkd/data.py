@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -333,6 +334,31 @@ def _check_images(images: np.ndarray, key: str, count: int, label_key: str) -> N
     if images.shape[0] != count:
         raise DaqkdError(f"{key} holds {images.shape[0]} images but {label_key} has {count} labels: "
                          "they must pair up one to one")
+
+
+def image_set_from_dataset(dataset: Any, classes: Sequence[str] | None = None, source: str = "dataset") -> ImageSet:
+    """A torch ``Dataset`` of (image, label) pairs as an ImageSet, every image read once into RAM.
+
+    Images: uint8 (C, H, W) tensors (C = 1 or 3) or PIL images (use no ToTensor/Normalize in the
+    data set: augmentation and normalization belong to daqkd). ``classes`` default to the data
+    set's ``classes`` attribute, else ``0..K-1``.
+    """
+    from torchvision.transforms.v2 import functional as TF
+
+    images, labels = [], []
+    for i in range(len(dataset)):
+        image, label = dataset[i]
+        if not isinstance(image, torch.Tensor):
+            image = TF.pil_to_tensor(image.convert("RGB"))
+        if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] not in (1, 3):
+            raise DaqkdError(f"item {i} of the data set is a {image.dtype} {tuple(image.shape)} tensor: give uint8 "
+                             "(3, H, W) images (or PIL images), without ToTensor or Normalize")
+        images.append(image.expand(3, -1, -1).contiguous())
+        labels.append(int(label))
+    if not images:
+        raise DaqkdError("the data set is empty")
+    names = list(classes or getattr(dataset, "classes", None) or [str(k) for k in range(max(labels) + 1)])
+    return ImageSet(stack_if_uniform(images), torch.tensor(labels, dtype=torch.int64), names, source)
 
 
 def load_data(data: str | None, dataset: str | None, split: str = "train",

@@ -21,9 +21,9 @@ import torch.distributed as dist
 from torch import nn
 
 from .augment import Candidate
-from .checkpoint import write_json_atomic
 from .data import ImageSet
 from .metric import SCORES, DAStatistics, jackknife_se, score, variance_standard_error
+from .rundir import write_json_atomic
 from .runtime import mix_seed
 
 Progress = Callable[[str, int, int], None]  # (candidate, images done, images total)
@@ -48,7 +48,7 @@ class RankConfig:
     least variance_min_groups groups).
     """
 
-    augs: list[str]
+    augs: list[Any]  # candidate names, or PerImageDA objects (daqkd.augment.custom)
     batch_size: int = 256
     seed: int = 0
     repeats: int = 1
@@ -203,8 +203,10 @@ def rank_candidates(model: nn.Module, data: ImageSet, config: RankConfig, device
     keys = FIGURES + (AUTHORS_FIGURES if config.computes_authors else ())
     jackknifed = [k for k in keys if k != "variance"]
     results, leave_one_out = [], {}
-    for name in config.augs:
-        candidate = Candidate(name, data.num_classes, crop_size, mix_group=config.mix_group)
+    for aug in config.augs:
+        candidate = aug if not isinstance(aug, str) else Candidate(aug, data.num_classes, crop_size,
+                                                                     mix_group=config.mix_group)
+        name = candidate.name
         per_repeat: dict[str, list[float]] = {k: [] for k in keys}
         jack_var: dict[str, list[float]] = {k: [] for k in jackknifed}
         loo_scores: list[torch.Tensor] = []
@@ -214,7 +216,7 @@ def rank_candidates(model: nn.Module, data: ImageSet, config: RankConfig, device
             if config.computes_authors:
                 centroid_stats, elapsed = run_pass(runner, data, candidate, config, CENTROID_STREAM + repeat,
                                                    group_size, progress)
-                reference = centroid_stats.authors_centroids(soft_labels=candidate.cutmix)
+                reference = centroid_stats.authors_centroids(soft_labels=candidate.mixes)
                 seconds += elapsed
             stats, elapsed = run_pass(runner, data, candidate, config, repeat, group_size, progress, reference)
             seconds += elapsed
@@ -264,7 +266,7 @@ def rank_candidates(model: nn.Module, data: ImageSet, config: RankConfig, device
         "images": len(data),
         "classes": data.num_classes,
         "variance_group": group_size,
-        "config": asdict(config),
+        "config": {**asdict(config), "augs": [a if isinstance(a, str) else a.name for a in config.augs]},
         "candidates": ranked,
         "stability": stability_verdict(ranked, leave_one_out),
         "controls": control_picks(results, config),

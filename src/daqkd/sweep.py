@@ -2,7 +2,7 @@
 and compare the ranking with the students' accuracy: the paper's Figure 1 (Kur & Zhao, 2025).
 
 The analysis here is pure (results in, figures and text out) so the report can be rebuilt from
-results.json at any point of a partial sweep; cli_sweep drives the runs.
+results.json at any point of a partial sweep; sweep_runner drives the runs.
 """
 
 from __future__ import annotations

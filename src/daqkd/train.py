@@ -9,9 +9,7 @@ and every ``save_every`` steps) holds model, optimizers, schedulers, RNG state a
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,11 +26,8 @@ from .data import ImageSet
 from .distill import DistillLoss, cross_entropy
 from .errors import DaqkdError
 from .quant import split_parameters
+from .rundir import BEST_FILE, LAST_FILE, STATE_FILE, append_history, atomic_path
 from .runtime import is_main_process, mix_seed
-
-STATE_FILE = "state.pt"
-BEST_FILE = "model.safetensors"
-LAST_FILE = "last.safetensors"
 
 
 @dataclass
@@ -229,10 +224,8 @@ class Trainer:
     def save_state(self) -> None:
         if not is_main_process():
             return
-        path = self.run_dir / STATE_FILE
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)
+        with atomic_path(self.run_dir / STATE_FILE) as tmp:
+            torch.save(self.state_dict(), tmp)
 
     def resume(self) -> bool:
         """Continue from RUN/state.pt if present; True if resumed."""
@@ -320,8 +313,7 @@ class Trainer:
         self.epoch, self.step_in_epoch = epoch + 1, 0
         self.history.append(record)
         if is_main_process():
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_history(self.run_dir, record)
             if self.writer is not None and evaluated:
                 for k in ("test_top1", "test_top5", "test_loss"):
                     self.writer.add_scalar(k.replace("_", "/", 1), record[k], epoch + 1)

@@ -1,70 +1,20 @@
-"""The ``daqkd`` command line.
-
-Subcommands share the data and runtime options (``--data``/``--dataset``, ``--split``,
-``--limit-per-class``, ``--seed``, ``--device``). Input mistakes end with one
-``daqkd: error: ...`` line and exit status 2.
-"""
+"""`daqkd rank`: rank candidate DAs for a teacher without training, print the table and verdict."""
 
 from __future__ import annotations
 
 import argparse
-import sys
-from collections.abc import Sequence
 from typing import Any
 
-import torch
-
-from . import __version__
-from .augment import known_names, parse_candidates
-from .augment.base import SMALL_IMAGE_MAX
-from .checkpoint import load_model, write_json_atomic
-from .data import TORCHVISION_DATASETS, load_data
-from .errors import DaqkdError
-from .metric import SCORES
-from .models import NAMED_NORMALIZATIONS
-from .rank import (
-    COMPILE_AUTO_MIN_IMAGES,
-    VARIANCE_PROTOCOLS,
-    RankConfig,
-    compile_pays,
-    effective_group_size,
-    rank_candidates,
-    variance_passes,
-)
-from .runtime import init_distributed, is_main_process, select_device
+from ..api import RankOptions, rank_augmentations
+from ..augment import known_names
+from ..augment.base import SMALL_IMAGE_MAX
+from ..metric import SCORES
+from ..rank import COMPILE_AUTO_MIN_IMAGES, VARIANCE_PROTOCOLS
+from ..runtime import is_main_process
+from .common import add_data_args, add_foreign_args
 
 
-def add_data_args(parser: argparse.ArgumentParser, split: bool = True) -> None:
-    """Data, seed and device options, the same for every subcommand; ``split`` offers --split
-    (rank and eval read one split; training reads both)."""
-    group = parser.add_argument_group("data and runtime")
-    group.add_argument("--data", metavar="DIR|FILE.npz",
-                       help="ImageFolder root with train/ and test/ (e.g. ../shared/data/cifar10), or a NumPy archive "
-                            "with x_train, y_train, x_test, y_test (e.g. ../shared/data/cifar100/cifar100.npz)")
-    group.add_argument("--dataset", choices=TORCHVISION_DATASETS, help="download through torchvision instead of --data")
-    group.add_argument(
-        "--data-root", default="~/.cache/daqkd", help="where --dataset downloads to (default %(default)s)"
-    )
-    if split:
-        group.add_argument("--split", default="train", choices=("train", "test"), help="default %(default)s")
-    group.add_argument("--limit-per-class", type=int, metavar="K",
-                       help="first K images of each class (sorted file order; array order in archives)")
-    group.add_argument("--seed", type=int, default=0, help="default %(default)s; same seed, same numbers")
-    group.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
-
-
-ARCH_HELP = ("resnet20/32/44/56/110 (option-A shortcuts), resnet20b/32b/44b/56b/110b (option B), vgg8/11/13, "
-             "mobilenetv2, or a torchvision model name")
-
-
-def add_foreign_args(group: Any, what: str = "weights") -> None:
-    """--arch and --normalize, which published weights need and daqkd checkpoints store."""
-    group.add_argument("--arch", help=f"architecture of {what} without daqkd metadata: {ARCH_HELP}")
-    group.add_argument("--normalize", help=f"input statistics {what} without daqkd metadata were trained with: "
-                       f"{', '.join(NAMED_NORMALIZATIONS)} or m1,m2,m3:s1,s2,s3")
-
-
-def add_rank_parser(subparsers: Any) -> None:
+def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "rank", help="rank data augmentations for a teacher, without training",
         description="Pass the split through the teacher once per candidate DA and rank the candidates by "
@@ -107,45 +57,18 @@ def add_rank_parser(subparsers: Any) -> None:
 
 
 def cmd_rank(args: argparse.Namespace) -> int:
-    augs = parse_candidates(args.augs)
-    for name, value, low in (("--repeats", args.repeats, 1), ("--batch-size", args.batch_size, 1),
-                             ("--variance-group", args.variance_group, 1), ("--mix-group", args.mix_group, 0)):
-        if value < low:
-            raise DaqkdError(f"{name} must be at least {low}, got {value}")
-    init_distributed()
-    device = select_device(args.device)
-    torch.manual_seed(args.seed)
-    data = load_data(args.data, args.dataset, args.split, args.limit_per_class, args.data_root)
-    model, info = load_model(args.weights, arch=args.arch, normalize=args.normalize, num_classes=data.num_classes)
-    teacher = {k: info[k] for k in ("arch", "weights", "normalize", "quant")}
-    config = RankConfig(
-        augs=augs, batch_size=args.batch_size, seed=args.seed, repeats=args.repeats,
-        cmi_weight=args.cmi_weight, score=args.score, variance_group=args.variance_group,
-        variance_paired=args.variance_paired, authors=args.controls == "all",
-        variance_protocol=args.variance_protocol, mix_group=args.mix_group,
-    )
-    passes = 1 + config.computes_authors + variance_passes(
-        config, len(data), effective_group_size(config.variance_group, len(data)))
-    forwards = len(data) * len(augs) * args.repeats * passes * (2 if config.paired else 1)
-    compiled = args.compile == "on" or (args.compile == "auto" and compile_pays(forwards))
+    options = RankOptions.from_namespace(args)
     main = is_main_process()
-    if main:
-        print(f"daqkd rank: {len(data):,} {args.split} images, {data.num_classes} classes from {data.source}; "
-              f"teacher {teacher['arch']} on {device}{' (compiled)' if compiled else ''}; "
-              f"{len(augs)} candidates x {args.repeats * passes} pass(es)", flush=True)
-    progress = None if args.no_progress or not main else ProgressBars()
-    report = rank_candidates(model, data, config, device, compiled, progress, args.crop_size)
-    if progress is not None:
-        progress.close()
-    report["split"] = args.split
-    report["teacher"] = teacher
-    report["data"] = data.source
-    report["device"] = str(device)
+    progress = None if options.no_progress or not main else ProgressBars()
+    try:
+        report = rank_augmentations(options, progress)
+    finally:
+        if progress is not None:
+            progress.close()
     if main:
         print(format_table(report))
-        if args.out:
-            write_json_atomic(args.out, report)
-            print(f"wrote {args.out}")
+        if options.out:
+            print(f"wrote {options.out}")
     return 0
 
 
@@ -218,30 +141,3 @@ def format_table(report: dict[str, Any]) -> str:
             + (f"; Spearman(score, teacher accuracy) {rho:+.2f} (-1: the same order)" if rho is not None else "")
         )
     return "\n".join(lines)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="daqkd", description="Data-Augmented Quantization-Aware Knowledge Distillation")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    add_rank_parser(subparsers)
-    from .cli_sweep import add_parser as add_sweep_parser
-    from .cli_train import add_parsers
-
-    add_parsers(subparsers, add_data_args)
-    add_sweep_parser(subparsers, add_data_args)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except DaqkdError as exc:
-        print(f"daqkd: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,5 +1,6 @@
-"""`daqkd sweep`: rank the candidate DAs once, train one student per (DA, seed), report whether
-the ranking predicted the students' accuracy (results.json, report.md, scatter.png).
+"""Running a sweep (`daqkd sweep`, :func:`daqkd.sweep`): rank the candidate DAs once, train one
+student per (DA, seed), report whether the ranking predicted the students' accuracy (results.json,
+report.md, scatter.png).
 
 Resumable: the ranking is kept in OUT/rank.json, each student in OUT/runs/<DA>-seed<S>/; a finished
 run is never repeated, a killed one resumes from its last checkpoint, and the outputs are
@@ -8,9 +9,8 @@ rewritten after every run, so a partial sweep always has a current report.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import copy
+import dataclasses
 import json
 import os
 import shlex
@@ -25,62 +25,21 @@ from typing import Any
 
 import torch
 
+from .api import StudentOptions, SweepOptions, load_teacher, train_student
 from .augment import parse_candidates
-from .checkpoint import write_json_atomic, write_text_atomic
-from .cli_train import (
-    add_optim_args,
-    add_student_args,
-    load_teacher,
-    load_train_test,
-    train_student,
-)
 from .data import ImageSet
 from .errors import DaqkdError
 from .rank import rank_and_save
+from .rundir import RANK_FILE, STATE_FILE, TRAIN_LOG, finished_run, stored_ranking, write_json_atomic, write_text_atomic
 from .runtime import init_distributed, is_main_process, select_device
 from .sweep import _pct, analyze, report_markdown, scatter_plot
-
-
-def add_parser(subparsers: Any, add_data_args) -> None:
-    p = subparsers.add_parser(
-        "sweep", help="train a student per candidate DA and test whether the ranking predicts accuracy",
-        description="Rank --augs once with the teacher, train one student per candidate and seed "
-                    "(the options of `daqkd train`), and write results.json, report.md and scatter.png.")
-    add_data_args(p, split=False)
-    add_student_args(p, teacher_required=False)
-    add_optim_args(p, lr=1e-3, optimizer="adam", aug=None)
-    p.add_argument("--seeds", type=int, default=1, help="students per DA, seeds --seed .. --seed+S-1")
-    p.add_argument("--default", metavar="DA",
-                   help="the DA also trained for comparison, candidate or not (default: none, plain crop + flip)")
-    p.add_argument("--controls", default="basic", choices=("basic", "all"),
-                   help="all: the ranking also computes the authors' variant (a second teacher pass per candidate), "
-                        "which the report then correlates with the students like every other control")
-    p.add_argument("--report-only", action="store_true",
-                   help="rebuild results.json, report.md and scatter.png from what --out holds; trains nothing")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="students trained at once, each in its own process logging to RUN/train.log "
-                        "(a small student leaves a large GPU mostly idle)")
-    p.set_defaults(func=cmd_sweep)
 
 
 def run_name(aug: str, seed: int) -> str:
     return f"{aug}-seed{seed}"
 
 
-def finished_run(run: Path, epochs: int) -> dict[str, Any] | None:
-    """The results of a run that reached its last epoch, else None."""
-    metrics_file = run / "metrics.jsonl"
-    if not metrics_file.is_file():  # metrics, not weights: committed sweeps keep only the former
-        return None
-    history = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
-    if not history or history[-1]["epoch"] < epochs:
-        return None
-    return {"top1": history[-1]["test_top1"], "top5": history[-1]["test_top5"],
-            "best_top1": max(h["test_top1"] for h in history if "test_top1" in h),
-            "train_seconds": sum(h["seconds"] for h in history), "epochs": history[-1]["epoch"]}
-
-
-def train_in_process(task: tuple[int, argparse.Namespace, tuple[ImageSet, ImageSet], int]) -> tuple[int, float, str]:
+def train_in_process(task: tuple[int, StudentOptions, tuple[ImageSet, ImageSet], int]) -> tuple[int, float, str]:
     """Train one student in a worker process, its output in RUN/train.log.
 
     task: (index, run arguments, data, CPU threads); returns (index, wall seconds, error or "").
@@ -90,8 +49,8 @@ def train_in_process(task: tuple[int, argparse.Namespace, tuple[ImageSet, ImageS
     started = time.perf_counter()
     run = Path(run_args.out)
     run.mkdir(parents=True, exist_ok=True)
-    run_args.no_progress = True
-    with open(run / "train.log", "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+    run_args = dataclasses.replace(run_args, no_progress=True)
+    with open(run / TRAIN_LOG, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         try:
             train_student(run_args, data)
         except Exception as exc:  # noqa: BLE001  (any failure is reported by the parent, named after its run)
@@ -105,8 +64,8 @@ def ignore_interrupts() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def run_in_processes(pending: list[argparse.Namespace], data: tuple[ImageSet, ImageSet], jobs: int,
-                     record: Callable[[argparse.Namespace, float], None]) -> None:
+def run_in_processes(pending: list[StudentOptions], data: tuple[ImageSet, ImageSet], jobs: int,
+                     record: Callable[[StudentOptions, float], None]) -> None:
     """Train ``pending`` students, ``jobs`` at a time, each in a fresh spawned process (CUDA-safe);
     the images reach the workers through shared memory, not a reload per student. On an error or
     Ctrl-C every worker stops; the finished runs and the others' last checkpoints stay."""
@@ -128,7 +87,7 @@ def run_in_processes(pending: list[argparse.Namespace], data: tuple[ImageSet, Im
         for index, wall_seconds, error in pool.imap_unordered(train_in_process, tasks):
             run = Path(pending[index].out)
             if error:
-                raise DaqkdError(f"{run.name} failed ({error}); see {run / 'train.log'}")
+                raise DaqkdError(f"{run.name} failed ({error}); see {run / TRAIN_LOG}")
             record(pending[index], wall_seconds)
     except KeyboardInterrupt:
         interrupted = True
@@ -163,7 +122,7 @@ def _same(name: str, stored: Any, current: Any) -> bool:
     return stored == current
 
 
-def check_same_configuration(out: Path, args: argparse.Namespace, stored_sweep: dict[str, Any] | None) -> None:
+def check_same_configuration(out: Path, args: SweepOptions, stored_sweep: dict[str, Any] | None) -> None:
     """Stop with one error line naming every option in which ``args`` differs from the runs that
     ``out`` already holds (their config.json), or from the sweep's stored seed list and default."""
     differences: dict[str, tuple[Any, Any]] = {}
@@ -237,13 +196,13 @@ def print_verdict(analysis: dict[str, Any], out: Path) -> None:
     print(f"wrote {out / 'results.json'}, {out / 'report.md'}, {out / 'scatter.png'}")
 
 
-def sweep_title(images: int, args: argparse.Namespace | dict[str, Any]) -> str:
-    a = args if isinstance(args, dict) else vars(args)
+def sweep_title(images: int, args: SweepOptions | dict[str, Any]) -> str:
+    a = args if isinstance(args, dict) else dataclasses.asdict(args)
     return (f"{images:,} train images, {a['method']} W{a['w_bits']}A{a['a_bits']} student, KD {a['kd']}, "
             f"{a['epochs']} epoch(s)")
 
 
-def report_only(args: argparse.Namespace) -> int:
+def report_only(args: SweepOptions) -> dict[str, Any]:
     """`daqkd sweep --report-only --out DIR`: the outputs rebuilt from rank.json, results.json's
     configuration and the finished runs on disk; nothing is trained."""
     out = Path(args.out)
@@ -268,12 +227,16 @@ def report_only(args: argparse.Namespace) -> int:
     analysis = SweepOutputs(out, ranking, names, default, config, meta).publish(results, len(trained) * len(seeds))
     print(f"daqkd sweep --report-only: {len(results)} finished runs in {out}")
     print_verdict(analysis, out)
-    return 0
+    return analysis
 
 
-def cmd_sweep(args: argparse.Namespace) -> int:
+def run_sweep(args: SweepOptions) -> dict[str, Any]:
+    """Rank, train every pending student (resuming a killed one, skipping finished ones), write the
+    outputs after every run; the final analysis."""
     if args.report_only:
         return report_only(args)
+    if args.out is None:
+        raise DaqkdError("pass --out DIR (the sweep's directory)")
     if args.teacher is None:
         raise DaqkdError("pass --teacher RUN (the teacher's run directory or checkpoint)")
     if args.seeds < 1:
@@ -289,22 +252,19 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if (out / "results.json").is_file():
         with contextlib.suppress(OSError, ValueError, KeyError):
             stored_sweep = json.loads((out / "results.json").read_text())["config"]
-    args.default = args.default or (stored_sweep or {}).get("default") or DEFAULT_DA
+    args = dataclasses.replace(args, default=args.default or (stored_sweep or {}).get("default") or DEFAULT_DA)
     parse_candidates(args.default)
     check_same_configuration(out, args, stored_sweep)
     init_distributed()
     out.mkdir(parents=True, exist_ok=True)
     device = select_device(args.device)
-    data = load_train_test(args)
+    data = args.load_train_test()
     train, _ = data
     main = is_main_process()
 
-    rank_file = out / "rank.json"
-    if rank_file.is_file():
-        ranking = json.loads(rank_file.read_text())
-        if sorted(c["name"] for c in ranking["candidates"]) != sorted(names):
-            raise DaqkdError(f"{rank_file} ranks other candidates than --augs: use another --out, or delete it")
-    else:
+    rank_file = out / RANK_FILE
+    ranking = stored_ranking(rank_file, names)
+    if ranking is None:
         teacher, _ = load_teacher(args, train.num_classes)
         ranking = rank_and_save(teacher, train, augs, args.seed, device, rank_file, main, args.controls == "all")
     if main:
@@ -318,27 +278,27 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.default not in ordered:
         ordered.insert(1, args.default)
     total = len(ordered) * len(seeds)
-    config = {k: v for k, v in vars(args).items() if k != "func"}
+    config = dataclasses.asdict(args)
     meta = {"title": sweep_title(ranking.get("images", len(train)), args), "device": str(device), "command": command}
     outputs = SweepOutputs(out, ranking, names, args.default, config, meta)
     results = collect_finished(out, ordered, seeds, args.epochs)
     finished = {(r["aug"], r["seed"]) for r in results}
-    pending: list[argparse.Namespace] = []
+    pending: list[StudentOptions] = []
     for seed in seeds:
         for aug in ordered:
             if (aug, seed) in finished:
                 continue
             run = out / "runs" / run_name(aug, seed)
-            run_args = copy.copy(args)
-            run_args.aug, run_args.seed, run_args.out = aug, seed, str(run)
-            run_args.resume = (run / "state.pt").is_file()
+            student = {f.name: getattr(args, f.name) for f in dataclasses.fields(StudentOptions)}
+            run_args = StudentOptions(**{**student, "aug": aug, "seed": seed, "out": str(run),
+                                         "resume": (run / STATE_FILE).is_file()})
             if not run_args.resume and run.exists():
                 shutil.rmtree(run)  # a partial run without its resume state: start it afresh
             pending.append(run_args)
     if main and results:
         outputs.publish(results, total)
 
-    def record(run_args: argparse.Namespace, wall_seconds: float) -> None:
+    def record(run_args: StudentOptions, wall_seconds: float) -> None:
         run = Path(run_args.out)
         done = finished_run(run, args.epochs)
         if done is None:
@@ -358,6 +318,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         started = time.perf_counter()
         train_student(run_args, data)
         record(run_args, time.perf_counter() - started)
+    analysis = outputs.publish(results, total) if main else {}
     if main:
-        print_verdict(outputs.publish(results, total), out)
-    return 0
+        print_verdict(analysis, out)
+    return analysis

@@ -1,0 +1,447 @@
+"""The Python API: typed options and the functions every ``daqkd`` command calls.
+
+Each command has an options dataclass whose fields are its command-line options (the same names,
+underscores for dashes, the same defaults), so a notebook and the CLI run the same code::
+
+    import daqkd
+    ranking = daqkd.rank_augmentations(daqkd.RankOptions(
+        data="../shared/data/cifar10", weights="resnet20.th", arch="resnet20", normalize="imagenet",
+        augs="none,randaugment", limit_per_class=50))
+    teacher = daqkd.train_teacher(daqkd.TeacherOptions(data=..., arch="resnet20", epochs=10, out="runs/t"))
+    student = daqkd.train_student(daqkd.StudentOptions(data=..., teacher="runs/t", w_bits=2, a_bits=2,
+                                                       out="runs/w2a2"))
+    report = daqkd.evaluate(daqkd.EvalOptions(run="runs/w2a2", data=...))
+
+Teacher and student training share one run path (:func:`train_run`): run directory, config.json,
+resume, data, the Trainer. :func:`run_sweep` (:mod:`daqkd.sweep_runner`) trains students from
+:class:`SweepOptions`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Self, TypeVar
+
+import torch
+
+from .augment import parse_candidates
+from .augment.custom import PerImageDA
+from .checkpoint import read_checkpoint, resolve_checkpoint
+from .data import ImageSet, image_set_from_dataset, load_data
+from .distill import DistillConfig, create_loss
+from .errors import DaqkdError
+from .loading import load_model, load_state_dict_strict, model_size_bytes
+from .models import Normalization, NormalizedModel, create_model, parse_normalization
+from .quant import QuantConfig, check_bits, quantize_model
+from .rank import (
+    RankConfig,
+    compile_pays,
+    effective_group_size,
+    rank_and_save,
+    rank_candidates,
+    variance_passes,
+)
+from .rundir import CONFIG_FILE, RANK_FILE, STATE_FILE, write_json_atomic
+from .runtime import init_distributed, is_main_process, select_device
+from .train import TrainConfig, Trainer
+from .train import evaluate as evaluate_model
+
+Options = TypeVar("Options", bound="DataOptions")
+
+
+@dataclass
+class DataOptions:
+    """Where the images come from, and how a run is seeded and placed.
+
+    data: an ImageFolder root (``train/``, ``test/``) or a ``.npz`` array archive; dataset: a
+    torchvision data set name instead (needs a network); limit_per_class: the first K images of each
+    class of every split read; device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+    """
+
+    data: str | None = None
+    dataset: str | None = None
+    data_root: str = "~/.cache/daqkd"
+    limit_per_class: int | None = None
+    seed: int = 0
+    device: str = "auto"
+
+    @classmethod
+    def from_namespace(cls, namespace: Any) -> Self:
+        """The options of an argparse Namespace (or any object with these attributes)."""
+        return cls(**{f.name: getattr(namespace, f.name) for f in fields(cls) if hasattr(namespace, f.name)})
+
+    def load(self, split: str, limit_per_class: int | None = None) -> ImageSet:
+        return load_data(self.data, self.dataset, split, limit_per_class or self.limit_per_class, self.data_root)
+
+
+@dataclass
+class TrainOptions(DataOptions):
+    """A training run (teacher or student): optimization, schedule and run directory ``out``.
+
+    Schedules are cosine to 0 after ``warmup_epochs``; ``eval_every`` tests every N epochs and
+    after the last; ``train_limit_per_class`` limits the train split only (data-limited runs).
+    """
+
+    out: str | None = None
+    epochs: int = 1
+    batch_size: int = 256
+    aug: str | None = None
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 0.0
+    no_amp: bool = False
+    save_every: int = 0
+    eval_every: int = 1
+    train_limit_per_class: int | None = None
+    resume: bool = False
+    no_progress: bool = False
+
+    def train_config(self, aug: str, quant_lr: float = 1e-5) -> TrainConfig:
+        for name in ("epochs", "batch_size", "eval_every"):
+            if getattr(self, name) < 1:
+                raise DaqkdError(f"--{name.replace('_', '-')} must be at least 1")
+        return TrainConfig(
+            epochs=self.epochs, batch_size=self.batch_size, aug=aug, optimizer=self.optimizer, lr=self.lr,
+            momentum=self.momentum, weight_decay=self.weight_decay, quant_lr=quant_lr,
+            warmup_epochs=self.warmup_epochs, seed=self.seed, save_every=self.save_every,
+            eval_every=self.eval_every, amp=not self.no_amp,
+        )
+
+    def load_train_test(self) -> tuple[ImageSet, ImageSet]:
+        return self.load("train", self.train_limit_per_class), self.load("test")
+
+
+@dataclass
+class TeacherOptions(TrainOptions):
+    """`daqkd teacher`: a full-precision model ``arch`` trained from scratch or fine-tuned from
+    ``init`` (a daqkd checkpoint or published weights; then ``normalize`` names their statistics)."""
+
+    arch: str | None = None
+    init: str | None = None
+    normalize: str | None = None
+    label_smoothing: float = 0.0
+    aug: str | None = "none+cutmix"
+
+
+@dataclass
+class StudentOptions(TrainOptions):
+    """`daqkd train`: QAT + KD of a low-bit student from ``teacher``.
+
+    The student (``arch``, default the teacher's, starting from its weights; else ``init``) is
+    quantized by ``method`` at ``w_bits``/``a_bits`` (``first_last``: fp, same or a bit width;
+    ``ewgs_delta``: a number or "hessian") and distilled with loss ``kd`` (CE weight ``gamma``, KD
+    weight ``alpha``, ``temperature``). ``aug`` "auto" ranks ``augs`` with the teacher and trains with
+    the top one. Published teacher weights need ``normalize`` and ``teacher_arch`` (default ``arch``).
+    """
+
+    teacher: str | None = None
+    arch: str | None = None
+    teacher_arch: str | None = None
+    normalize: str | None = None
+    init: str | None = None
+    method: str = "ewgs"
+    w_bits: int = 2
+    a_bits: int = 2
+    per_channel: bool = False
+    first_last: str = "fp"
+    ewgs_delta: str = "0"
+    kd: str = "kd"
+    gamma: float = 1.0
+    alpha: float = 2.0
+    temperature: float = 4.0
+    augs: str = "all"
+    quant_lr: float = 1e-5
+    aug: str | None = "auto"
+    optimizer: str = "adam"
+    lr: float = 1e-3
+
+    def quant_config(self) -> QuantConfig:
+        if self.ewgs_delta == "hessian":
+            delta = None
+        else:
+            try:
+                delta = float(self.ewgs_delta)
+            except ValueError as exc:
+                raise DaqkdError(f"--ewgs-delta must be a number or 'hessian', got {self.ewgs_delta!r}") from exc
+        first_last: str | int = self.first_last
+        if first_last not in ("fp", "same"):
+            first_last = check_bits("--first-last", int(first_last) if str(first_last).isdigit() else first_last)
+        quant = QuantConfig(method=self.method, w_bits=self.w_bits, a_bits=self.a_bits, per_channel=self.per_channel,
+                            first_last=first_last, ewgs_delta=delta)
+        quant.validate()
+        return quant
+
+
+@dataclass
+class SweepOptions(StudentOptions):
+    """`daqkd sweep`: rank ``augs`` once, train a student per candidate and seed (``seeds`` of them
+    from ``seed``) plus the ``default`` DA, and report whether the ranking predicted them.
+    ``jobs`` students train at once in their own processes; ``report_only`` rebuilds the outputs."""
+
+    aug: str | None = None
+    seeds: int = 1
+    default: str | None = None
+    controls: str = "basic"
+    report_only: bool = False
+    jobs: int = 1
+
+
+@dataclass
+class RankOptions(DataOptions):
+    """`daqkd rank`: rank ``augs`` for the teacher ``weights`` on one ``split`` (see
+    :class:`daqkd.rank.RankConfig` for the ranking options)."""
+
+    weights: str | None = None
+    arch: str | None = None
+    normalize: str | None = None
+    crop_size: int = 224
+    split: str = "train"
+    augs: str = "all"
+    score: str = "paper"
+    controls: str = "basic"
+    cmi_weight: float = 1.0
+    repeats: int = 1
+    variance_group: int = 1000
+    variance_paired: bool = False
+    variance_protocol: str = "single"
+    mix_group: int = 8
+    batch_size: int = 256
+    compile: str = "auto"
+    out: str | None = None
+    no_progress: bool = False
+
+
+@dataclass
+class EvalOptions(DataOptions):
+    """`daqkd eval`: top-1, top-5, per-class top-1, loss and size of ``run`` (a run directory, a daqkd
+    checkpoint, or published weights with ``arch`` and ``normalize``) on ``split``."""
+
+    run: str | None = None
+    arch: str | None = None
+    normalize: str | None = None
+    split: str = "test"
+    out: str | None = None
+
+
+def data_statistics(data: ImageSet) -> Normalization:
+    """Per-channel mean and std over every pixel of the images (scaled to [0, 1]); images of
+    different sizes weigh by their pixel counts. Accumulated in float64 one chunk at a time."""
+    images = data.images if isinstance(data.images, list) else list(data.images.split(1024))
+    total = torch.zeros(3, dtype=torch.float64)
+    squares = torch.zeros(3, dtype=torch.float64)
+    count = 0
+    for chunk in images:
+        x = chunk.double().div(255.0).reshape(-1, 3, chunk.shape[-2] * chunk.shape[-1])
+        total += x.sum(dim=(0, 2))
+        squares += x.square().sum(dim=(0, 2))
+        count += x.shape[0] * x.shape[2]
+    mean = total / count
+    std = (squares / count - mean.square()).clamp_min(0).sqrt().clamp_min(1e-3)
+    return Normalization(tuple(mean.tolist()), tuple(std.tolist()))  # type: ignore[arg-type]
+
+
+# Options a resumed run keeps from the command that resumes it (everything else comes from config.json).
+RESUME_KEEPS = ("resume", "out", "no_progress", "device")
+
+
+def prepare_run(options: Options, command: str) -> tuple[Options, Path]:
+    """Create the run directory and write config.json; with ``resume``, the stored options instead.
+
+    Returns (the options the run uses, the run directory).
+    """
+    if options.out is None:
+        raise DaqkdError("pass --out RUN (the run directory)")
+    run = Path(options.out)
+    config_file = run / CONFIG_FILE
+    if options.resume:
+        if not config_file.is_file():
+            raise DaqkdError(f"--resume: {run} has no config.json: pass the directory of an earlier run")
+        stored = json.loads(config_file.read_text())["args"]
+        names = {f.name for f in fields(options)}
+        options = replace(options, **{k: v for k, v in stored.items() if k in names and k not in RESUME_KEEPS})
+    elif (run / STATE_FILE).exists():
+        raise DaqkdError(f"{run} already holds a run: pass --resume to continue it, or another --out")
+    run.mkdir(parents=True, exist_ok=True)
+    if is_main_process():
+        write_json_atomic(config_file, {"command": command, "args": asdict(options), "argv": sys.argv[1:]})
+    return options, run
+
+
+def train_run(options: TrainOptions, command: str, data: tuple[ImageSet, ImageSet] | None,
+              build: Any) -> Trainer:
+    """The run path teacher and student share: prepare RUN, load the data, let ``build(options, train,
+    device, run)`` make (model, loss, aug, metadata, teacher), train (resuming if asked), return the
+    Trainer."""
+    init_distributed()
+    options, run = prepare_run(options, command)
+    device = select_device(options.device)
+    torch.manual_seed(options.seed)
+    train, test = data if data is not None else options.load_train_test()
+    model, loss, aug, metadata, teacher, quant_lr = build(options, train, device, run)
+    trainer = Trainer(model, loss, train, test, options.train_config(aug, quant_lr), run, device, metadata,
+                      teacher=teacher, progress=not options.no_progress)
+    if options.resume:
+        trainer.resume()
+    elif is_main_process() and teacher is None:
+        before = evaluate_model(model.to(device), test, device)
+        print(f"daqkd {command}: {metadata['arch']} on {len(train):,} images, start test top-1 "
+              f"{before['top1']:.2f}%", flush=True)
+    trainer.fit()
+    return trainer
+
+
+def _build_teacher(options: TeacherOptions, train: ImageSet, device: torch.device, run: Path) -> tuple:
+    if options.arch is None:
+        raise DaqkdError("pass --arch (the teacher's architecture)")
+    parse_candidates(options.aug or "none")
+    if options.init:
+        model, info = load_model(options.init, arch=options.arch, normalize=options.normalize,
+                                 num_classes=train.num_classes)
+        if info["quant"]:
+            raise DaqkdError(f"--init {options.init} is a quantized student: a teacher starts from "
+                             "full-precision weights")
+    else:
+        norm = parse_normalization(options.normalize) if options.normalize else data_statistics(train)
+        model = NormalizedModel(create_model(options.arch, train.num_classes), norm)
+    metadata = {"arch": options.arch, "classes": train.classes, "num_classes": train.num_classes,
+                "normalize": model.normalization.spec(), "quant": None, "kind": "teacher"}
+    loss = create_loss("none", DistillConfig(label_smoothing=options.label_smoothing))
+    return model, loss, options.aug or "none", metadata, None, 1e-5
+
+
+def train_teacher(options: TeacherOptions, data: tuple[ImageSet, ImageSet] | None = None) -> Trainer:
+    """Train or fine-tune a full-precision model into ``options.out``; returns the finished Trainer
+    (``best_top1``, ``history``). ``data`` = (train, test) already loaded, else from the options."""
+    return train_run(options, "teacher", data, _build_teacher)
+
+
+def load_teacher(options: StudentOptions, num_classes: int) -> tuple[NormalizedModel, dict[str, Any]]:
+    """The teacher of a student: a daqkd checkpoint, or published weights whose architecture is
+    ``teacher_arch`` (else ``arch``) and whose statistics are ``normalize``."""
+    if options.teacher is None:
+        raise DaqkdError("pass --teacher RUN (the teacher's run directory or checkpoint)")
+    return load_model(options.teacher, arch=options.teacher_arch, normalize=options.normalize,
+                      num_classes=num_classes, fallback_arch=options.arch)
+
+
+def _build_student(options: StudentOptions, train: ImageSet, device: torch.device, run: Path) -> tuple:
+    teacher, teacher_meta = load_teacher(options, train.num_classes)
+    arch = options.arch or teacher_meta["arch"]
+    quant = options.quant_config()
+    aug = options.aug or "auto"
+    if aug == "auto":
+        rank_file = run / RANK_FILE
+        if rank_file.is_file():
+            aug = json.loads(rank_file.read_text())["selected"]
+        else:
+            aug = rank_and_save(teacher, train, parse_candidates(options.augs), options.seed, device, rank_file,
+                                is_main_process())["selected"]
+        if is_main_process():
+            print(f"--aug auto: the metric selected {aug} (ranking in {rank_file})", flush=True)
+    parse_candidates(aug)
+    student = create_model(arch, train.num_classes)
+    if arch == teacher_meta["arch"] and not options.init:
+        student.load_state_dict(teacher.model.state_dict())
+    elif options.init:
+        state, _ = read_checkpoint(resolve_checkpoint(options.init))
+        load_state_dict_strict(student, state, options.init, arch)
+    quantize_model(student, quant)
+    model = NormalizedModel(student, teacher.normalization)
+    metadata = {"arch": arch, "classes": train.classes, "num_classes": train.num_classes,
+                "normalize": teacher.normalization.spec(), "quant": asdict(quant), "kind": "student",
+                "teacher": str(options.teacher), "aug": aug, "kd": options.kd}
+    loss = create_loss(options.kd, DistillConfig(gamma=options.gamma, alpha=options.alpha,
+                                                 temperature=options.temperature))
+    return model, loss, aug, metadata, teacher, options.quant_lr
+
+
+def train_student(options: StudentOptions, data: tuple[ImageSet, ImageSet] | None = None) -> Trainer:
+    """QAT + KD of a low-bit student into ``options.out``; returns the finished Trainer."""
+    return train_run(options, "train", data, _build_student)
+
+
+def rank_augmentations(options: RankOptions, progress: Any = None, *, custom: Sequence[PerImageDA] = (),
+                       data: ImageSet | Any = None) -> dict[str, Any]:
+    """Rank ``options.augs`` for the teacher; the report (also written to ``options.out`` if set).
+
+    ``custom``: more candidates, per-image callables wrapped in :class:`~daqkd.augment.custom.PerImageDA`
+    (slower than the built-in batched DAs); ``options.augs`` may then be "" for none of the built-in
+    ones. ``data``: an ImageSet or a torch Dataset of (uint8 image, label) instead of
+    ``options.data``. ``progress(name, done, total)`` is called during each pass.
+    """
+    augs: list[Any] = (parse_candidates(options.augs) if options.augs else []) + list(custom)
+    if not augs:
+        raise DaqkdError("no candidate to rank: pass --augs or custom DAs")
+    for name, value, low in (("--repeats", options.repeats, 1), ("--batch-size", options.batch_size, 1),
+                             ("--variance-group", options.variance_group, 1), ("--mix-group", options.mix_group, 0)):
+        if value < low:
+            raise DaqkdError(f"{name} must be at least {low}, got {value}")
+    if options.weights is None:
+        raise DaqkdError("pass --weights (the teacher's checkpoint)")
+    init_distributed()
+    device = select_device(options.device)
+    torch.manual_seed(options.seed)
+    if data is None:
+        data = options.load(options.split)
+    elif not isinstance(data, ImageSet):
+        data = image_set_from_dataset(data)
+    model, info = load_model(options.weights, arch=options.arch, normalize=options.normalize,
+                             num_classes=data.num_classes)
+    config = RankConfig(
+        augs=augs, batch_size=options.batch_size, seed=options.seed, repeats=options.repeats,
+        cmi_weight=options.cmi_weight, score=options.score, variance_group=options.variance_group,
+        variance_paired=options.variance_paired, authors=options.controls == "all",
+        variance_protocol=options.variance_protocol, mix_group=options.mix_group,
+    )
+    passes = 1 + config.computes_authors + variance_passes(
+        config, len(data), effective_group_size(config.variance_group, len(data)))
+    forwards = len(data) * len(augs) * options.repeats * passes * (2 if config.paired else 1)
+    compiled = options.compile == "on" or (options.compile == "auto" and compile_pays(forwards))
+    if is_main_process():
+        print(f"daqkd rank: {len(data):,} {options.split} images, {data.num_classes} classes from {data.source}; "
+              f"teacher {info['arch']} on {device}{' (compiled)' if compiled else ''}; "
+              f"{len(augs)} candidates x {options.repeats * passes} pass(es)", flush=True)
+    report = rank_candidates(model, data, config, device, compiled, progress, options.crop_size)
+    report["split"] = options.split
+    report["teacher"] = {k: info[k] for k in ("arch", "weights", "normalize", "quant")}
+    report["data"] = data.source
+    report["device"] = str(device)
+    if options.out and is_main_process():
+        write_json_atomic(options.out, report)
+    return report
+
+
+def evaluate(options: EvalOptions) -> dict[str, Any]:
+    """Evaluate a run, checkpoint or published weights on ``options.split``; the report (also
+    written to ``options.out`` if set)."""
+    device = select_device(options.device)
+    if options.data is None and options.dataset is None:
+        raise DaqkdError("pass --data DIR|FILE.npz (or --dataset) with the test images")
+    if options.run is None:
+        raise DaqkdError("pass the run directory or checkpoint to evaluate")
+    test = options.load(options.split)
+    model, meta = load_model(options.run, arch=options.arch, normalize=options.normalize,
+                             num_classes=test.num_classes)
+    model.to(device)
+    metrics = evaluate_model(model, test, device)
+    quant = meta.get("quant")
+    report = {"run": str(options.run), "arch": meta["arch"], "normalize": meta["normalize"], "data": test.source,
+              "split": options.split, "images": len(test),
+              "w_bits": quant["w_bits"] if quant else 32, "a_bits": quant["a_bits"] if quant else 32,
+              "method": quant["method"] if quant else None, **metrics, "size": model_size_bytes(model.model)}
+    if options.out:
+        write_json_atomic(options.out, report)
+    return report
+
+
+def run_sweep(options: SweepOptions) -> dict[str, Any]:
+    """Run (or resume) a sweep into ``options.out``; the analysis (see :func:`daqkd.sweep.analyze`)."""
+    from .sweep_runner import run_sweep as run
+
+    return run(options)

@@ -1,0 +1,31 @@
+"""`daqkd eval`: evaluate a run, a daqkd checkpoint or published weights."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ..api import EvalOptions, evaluate
+from .common import add_data_args, add_foreign_args
+
+
+def add_parser(subparsers: Any) -> None:
+    e = subparsers.add_parser("eval", help="evaluate a run directory or checkpoint")
+    e.add_argument("run", metavar="RUN|FILE", help="a daqkd run directory or checkpoint, or published weights "
+                   "(with --arch and --normalize)")
+    add_data_args(e)
+    add_foreign_args(e.add_argument_group("published weights"))
+    e.add_argument("--out", metavar="FILE", help="write the report as JSON")
+    e.set_defaults(func=cmd_eval, split="test")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    report = evaluate(EvalOptions.from_namespace(args))
+    size, metrics = report["size"], report
+    print(f"{report['arch']} W{report['w_bits']}A{report['a_bits']}: top-1 {metrics['top1']:.2f}%  "
+          f"top-5 {metrics['top5']:.2f}%  loss {metrics['loss']:.4f}  on {report['images']:,} {report['split']} images")
+    print(f"model size {size['bytes'] / 1e6:.3f} MB at its bit widths vs {size['fp32_bytes'] / 1e6:.3f} MB FP32 "
+          f"({size['compression']:.1f}x)")
+    for name, acc in metrics["per_class_top1"].items():
+        print(f"  {name:<20} {acc:6.2f}%")
+    return 0

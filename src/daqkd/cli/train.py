@@ -1,0 +1,59 @@
+"""`daqkd train`: QAT + KD of a low-bit student from a teacher."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ..api import StudentOptions, train_student
+from ..distill import LOSSES
+from ..models import NAMED_NORMALIZATIONS
+from ..quant import QUANTIZERS
+from ..rundir import BEST_FILE
+from ..runtime import is_main_process
+from .common import add_data_args, add_optim_args
+
+DEFAULTS = StudentOptions()
+
+
+def add_parser(subparsers: Any) -> None:
+    s = subparsers.add_parser("train", help="QAT + KD of a low-bit student from a teacher")
+    add_data_args(s, split=False)
+    add_student_args(s)
+    add_optim_args(s, lr=DEFAULTS.lr, optimizer=DEFAULTS.optimizer, aug=DEFAULTS.aug)
+    s.set_defaults(func=cmd_train)
+
+
+def add_student_args(s: argparse.ArgumentParser, teacher_required: bool = True) -> None:
+    """The student's options, shared by `daqkd train` and `daqkd sweep`."""
+    s.add_argument("--teacher", required=teacher_required, metavar="RUN|FILE",
+                   help="a daqkd teacher run or checkpoint, or published weights (with --normalize, and --teacher-arch "
+                        "or --arch)")
+    s.add_argument("--arch", help="student architecture (default: the teacher's; it then starts from its weights)")
+    s.add_argument("--teacher-arch", help="architecture of published --teacher weights (default: --arch)")
+    s.add_argument(
+        "--normalize",
+        help="input statistics of published --teacher weights ("
+        + ", ".join(NAMED_NORMALIZATIONS)
+        + " or m1,m2,m3:s1,s2,s3); the student uses the teacher's",
+    )
+    s.add_argument("--init", metavar="RUN|FILE", help="student weights when the architectures differ")
+    s.add_argument("--method", default="ewgs", choices=sorted(QUANTIZERS))
+    s.add_argument("--w-bits", type=int, default=2)
+    s.add_argument("--a-bits", type=int, default=2)
+    s.add_argument("--per-channel", action="store_true")
+    s.add_argument("--first-last", default="fp", help="fp, same, or a bit width (e.g. 8)")
+    s.add_argument("--ewgs-delta", default="0", help="a fixed delta, or 'hessian'")
+    s.add_argument("--kd", default="kd", choices=sorted(LOSSES))
+    s.add_argument("--gamma", type=float, default=1.0, help="CE weight")
+    s.add_argument("--alpha", type=float, default=2.0, help="KD weight")
+    s.add_argument("--temperature", type=float, default=4.0)
+    s.add_argument("--augs", default="all", help="candidates for --aug auto")
+    s.add_argument("--quant-lr", type=float, default=1e-5)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    trainer = train_student(StudentOptions.from_namespace(args))
+    if is_main_process():
+        print(f"best test top-1 {trainer.best_top1:.2f}% -> {trainer.run_dir / BEST_FILE}")
+    return 0

@@ -1,0 +1,93 @@
+"""A run directory: its file names, atomic writes (one scheme for every file) and its history.
+
+A run directory (``daqkd teacher|train --out RUN``, one student of a sweep) holds:
+
+- ``config.json``: the options that made it (enough to rerun or resume it);
+- ``metrics.jsonl``: one JSON line per epoch (train loss terms, test figures when evaluated, LR, time);
+- ``model.safetensors`` (best test top-1) and ``last.safetensors``: daqkd checkpoints;
+- ``state.pt``: everything a resume needs (model, optimizers, schedulers, RNG state, position);
+- ``rank.json``: the ranking of ``--aug auto``; ``train.log``: a sweep worker's output; ``tensorboard/``.
+
+Every file is written to a temporary name in the same directory and renamed over the target, so a
+reader or a killed process never sees half a file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .errors import DaqkdError
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+STATE_FILE = "state.pt"
+BEST_FILE = "model.safetensors"
+LAST_FILE = "last.safetensors"
+RANK_FILE = "rank.json"
+TRAIN_LOG = "train.log"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it over ``path`` when the block succeeds,
+    delete it when the block fails."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+def read_history(run: str | Path) -> list[dict[str, Any]]:
+    """The epochs recorded in RUN/metrics.jsonl, in order ([] without the file)."""
+    metrics = Path(run) / METRICS_FILE
+    if not metrics.is_file():
+        return []
+    return [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+
+
+def append_history(run: str | Path, record: dict[str, Any]) -> None:
+    with open(Path(run) / METRICS_FILE, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def finished_run(run: str | Path, epochs: int) -> dict[str, Any] | None:
+    """Top-1/top-5 after the last epoch, the best evaluated top-1, the training time and the epochs of
+    a run that reached ``epochs``; None otherwise."""
+    history = read_history(run)  # metrics, not weights: committed sweeps keep only the former
+    if not history or history[-1]["epoch"] < epochs:
+        return None
+    return {"top1": history[-1]["test_top1"], "top5": history[-1]["test_top5"],
+            "best_top1": max(h["test_top1"] for h in history if "test_top1" in h),
+            "train_seconds": sum(h["seconds"] for h in history), "epochs": history[-1]["epoch"]}
+
+
+def stored_ranking(path: str | Path, names: list[str]) -> dict[str, Any] | None:
+    """The ranking kept in ``path`` if it ranks exactly ``names``; None if there is none."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    ranking = json.loads(path.read_text())
+    if sorted(c["name"] for c in ranking["candidates"]) != sorted(names):
+        raise DaqkdError(f"{path} ranks other candidates than --augs: use another --out, or delete it")
+    return ranking
