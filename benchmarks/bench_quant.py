@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from daqkd.models import create_model
-from daqkd.quant import QuantConfig, quantize_model
+from daqkd.quant import QUANTIZERS, QuantConfig, quantize_model
 
-METHODS = ("ewgs", "lsq", "pact", "dorefa")
+METHODS = tuple(m for m in sorted(QUANTIZERS) if m != "ste")  # ste: dorefa without its weight transform
 
 
 def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, compiled: bool):

@@ -29,9 +29,9 @@ from daqkd.augment import Candidate, parse_candidates
 from daqkd.data import load_data
 from daqkd.loading import load_model
 from daqkd.metric import DAStatistics
-from daqkd.quant import QuantConfig, Quantizer, kernels, quantize_model
+from daqkd.quant import QUANTIZERS, QuantConfig, Quantizer, kernels, quantize_model
 
-METHODS = ("ewgs", "lsq", "pact", "dorefa")
+METHODS = tuple(m for m in sorted(QUANTIZERS) if m != "ste")  # ste: dorefa without its weight transform
 TEACHER = Path(__file__).resolve().parent / "results" / "cifar10-resnet20-w3a3" / "teacher" / "model.safetensors"
 failures: list[str] = []
 

@@ -15,6 +15,7 @@ from daqkd.errors import DaqkdError
 from daqkd.loading import load_model
 from daqkd.models import create_model
 from daqkd.quant import (
+    QUANTIZERS,
     QuantConfig,
     QuantConv2d,
     QuantLinear,
@@ -29,7 +30,7 @@ from daqkd.quant.functional import mse_clip
 from daqkd.quant.lsq import LSQQuantizer
 from daqkd.quant.pact import PACTActivationQuantizer
 
-METHODS = ["ewgs", "lsq", "pact", "dorefa", "ste"]
+METHODS = sorted(QUANTIZERS)  # every registered method, a new one included
 
 
 def initialized(q, x: torch.Tensor):
@@ -372,7 +373,7 @@ def test_compiled_kernels_equal_the_eager_ones(delta: float | None) -> None:
         torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.parametrize("method", ["ewgs", "lsq", "pact", "dorefa"])
+@pytest.mark.parametrize("method", METHODS)
 def test_quantizers_compute_in_float32_under_autocast(method: str) -> None:
     """bf16 inputs (autocast on CUDA) are quantized in float32: computing (x - l) / s in bf16 moved
     half of a W3A3 ResNet-20's activations across a level boundary (benchmarks/gpu_check.py)."""

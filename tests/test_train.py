@@ -220,3 +220,96 @@ def test_train_limit_and_eval_every(tmp_path: Path, tiny_folder: Path, capsys: p
     assert json.loads(report.read_text())["images"] == 36  # the whole test split
     best = max(line["test_top1"] for line in lines if "test_top1" in line)
     assert json.loads(report.read_text())["top1"] == pytest.approx(best)
+
+
+def test_feature_kd_losses_equal_a_naive_computation() -> None:
+    from daqkd.distill import DistillConfig, stage_outputs
+
+    generator = torch.Generator().manual_seed(0)
+    student_f = {"a": torch.randn(3, 4, 5, 5, generator=generator), "b": torch.randn(3, 2, 3, 3, generator=generator)}
+    teacher_f = {"a": torch.randn(3, 6, 5, 5, generator=generator), "b": torch.randn(3, 8, 3, 3, generator=generator)}
+    logits, labels = torch.randn(3, 4, generator=generator), torch.tensor([0, 3, 1])
+    ce = float(torch.nn.functional.cross_entropy(logits, labels))
+
+    def naive_attention(f: torch.Tensor) -> list[list[float]]:  # per image: mean_c f^2, unit L2 norm
+        maps = []
+        for image in f:
+            values = [sum(float(image[c, i, j]) ** 2 for c in range(image.shape[0])) / image.shape[0]
+                      for i in range(image.shape[1]) for j in range(image.shape[2])]
+            norm = math.sqrt(sum(v * v for v in values))
+            maps.append([v / norm for v in values])
+        return maps
+
+    expected_at = 0.0
+    for name in ("a", "b"):
+        s, t = naive_attention(student_f[name]), naive_attention(teacher_f[name])
+        expected_at += sum((x - y) ** 2 for si, ti in zip(s, t) for x, y in zip(si, ti)) / (len(s) * len(s[0]))
+    features = {"student": student_f, "teacher": teacher_f}
+    at = create_loss("at", DistillConfig(beta=10.0))(logits, None, labels, features)
+    assert at["at"].item() == pytest.approx(expected_at, rel=1e-5)
+    assert at["loss"].item() == pytest.approx(ce + 10.0 * expected_at, rel=1e-5)
+
+    def naive_similarity(f: torch.Tensor) -> list[list[float]]:  # rows of A A^T at unit norm
+        flat = [image.flatten().tolist() for image in f]
+        gram = [[sum(x * y for x, y in zip(u, v)) for v in flat] for u in flat]
+        return [[g / math.sqrt(sum(x * x for x in row)) for g in row] for row in gram]
+
+    expected_sp = 0.0
+    for name in ("a", "b"):
+        s, t = naive_similarity(student_f[name]), naive_similarity(teacher_f[name])
+        expected_sp += sum((x - y) ** 2 for si, ti in zip(s, t) for x, y in zip(si, ti)) / 9
+    sp = create_loss("sp", DistillConfig(beta=2.0))(logits, None, labels, features)
+    assert sp["sp"].item() == pytest.approx(expected_sp, rel=1e-5)
+    assert sp["loss"].item() == pytest.approx(ce + 2.0 * expected_sp, rel=1e-5)
+    resnet = create_model("resnet20", 10)
+    assert stage_outputs(resnet) == ("layer1", "layer2", "layer3")
+    assert create_loss("at").feature_layers(resnet) == ("layer1", "layer2", "layer3")
+    assert create_loss("sp").feature_layers(resnet) == ("layer3",)
+    assert create_loss("at", DistillConfig(layers=("layer2.0",))).feature_layers(resnet) == ("layer2.0",)
+
+
+@pytest.mark.parametrize("kd", ["at", "sp"])
+def test_feature_kd_trains_from_the_command_line(kd: str, tmp_path: Path, tiny_folder: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    teacher = tmp_path / "t"
+    data = ["--data", str(tiny_folder), "--batch-size", "12", "--no-progress"]
+    assert main(["teacher", *data, "--arch", "resnet20", "--epochs", "1", "--out", str(teacher)]) == 0
+    assert main(["train", *data, "--teacher", str(teacher), "--arch", "resnet32", "--init", str(teacher),
+                 "--kd", kd, "--aug", "none", "--w-bits", "4", "--a-bits", "4", "--epochs", "1",
+                 "--out", str(tmp_path / "s")]) == 2  # --init of another architecture: one error line
+    capsys.readouterr()
+    assert main(["train", *data, "--teacher", str(teacher), "--kd", kd, "--aug", "none", "--w-bits", "4",
+                 "--a-bits", "4", "--epochs", "1", "--out", str(tmp_path / "s")]) == 0
+    line = json.loads((tmp_path / "s" / "metrics.jsonl").read_text().splitlines()[0])
+    assert line[f"train_{kd}"] > 0 and math.isfinite(line["train_loss"])
+    assert main(["train", *data, "--teacher", str(teacher), "--kd", kd, "--kd-layers", "layer9", "--aug", "none",
+                 "--epochs", "1", "--out", str(tmp_path / "bad")]) == 2
+    assert "has no module 'layer9'" in capsys.readouterr().err
+
+
+def test_quantizer_epoch_hooks_run_without_the_loop_knowing_the_method(tmp_path: Path, tiny_folder: Path) -> None:
+    """EWGS's Hessian delta arrives through Quantizer.on_epoch_start at epochs 0, k, 2k, ..."""
+    from daqkd.quant.ewgs import EWGSQuantizer
+
+    calls = []
+    original = EWGSQuantizer.on_epoch_start.__func__
+
+    def spy(cls, model, epoch, sample_batches):
+        calls.append(epoch)
+        original(cls, model, epoch, sample_batches)
+
+    train = load_image_folder(tiny_folder, "train")
+    net = quantize_model(create_model("resnet20", 3), QuantConfig("ewgs", 4, 4, ewgs_delta=None, ewgs_delta_every=2))
+    model = NormalizedModel(net, parse_normalization("cifar10"))
+    config = TrainConfig(epochs=3, batch_size=12, aug="none", optimizer="adam", lr=1e-4)
+    trainer = Trainer(model, create_loss("none"), train, train, config, tmp_path / "run", torch.device("cpu"),
+                      {"arch": "resnet20"}, progress=False)
+    deltas_before = [float(m.delta) for m in net.modules() if isinstance(m, EWGSQuantizer)]
+    EWGSQuantizer.on_epoch_start = classmethod(spy)
+    try:
+        trainer.fit()
+    finally:
+        EWGSQuantizer.on_epoch_start = classmethod(original)
+    assert calls == [0, 1, 2]
+    deltas = [float(m.delta) for m in net.modules() if isinstance(m, EWGSQuantizer)]
+    assert deltas != deltas_before and all(d >= 0 for d in deltas)

@@ -136,7 +136,8 @@ class StudentOptions(TrainOptions):
     The student (``arch``, default the teacher's, starting from its weights; else ``init``) is
     quantized by ``method`` at ``w_bits``/``a_bits`` (``first_last``: fp, same or a bit width;
     ``ewgs_delta``: a number or "hessian") and distilled with loss ``kd`` (CE weight ``gamma``, KD
-    weight ``alpha``, ``temperature``). ``aug`` "auto" ranks ``augs`` with the teacher and trains with
+    weight ``alpha``, ``temperature``; feature losses: weight ``beta``, comma-separated module names
+    ``kd_layers``). ``aug`` "auto" ranks ``augs`` with the teacher and trains with
     the top one. Published teacher weights need ``normalize`` and ``teacher_arch`` (default ``arch``).
     """
 
@@ -155,6 +156,8 @@ class StudentOptions(TrainOptions):
     gamma: float = 1.0
     alpha: float = 2.0
     temperature: float = 4.0
+    beta: float | None = None
+    kd_layers: str | None = None
     augs: str = "all"
     quant_lr: float = 1e-5
     aug: str | None = "auto"
@@ -356,8 +359,9 @@ def _build_student(options: StudentOptions, train: ImageSet, device: torch.devic
     metadata = {"arch": arch, "classes": train.classes, "num_classes": train.num_classes,
                 "normalize": teacher.normalization.spec(), "quant": asdict(quant), "kind": "student",
                 "teacher": str(options.teacher), "aug": aug, "kd": options.kd}
+    layers = tuple(name.strip() for name in options.kd_layers.split(",") if name.strip()) if options.kd_layers else ()
     loss = create_loss(options.kd, DistillConfig(gamma=options.gamma, alpha=options.alpha,
-                                                 temperature=options.temperature))
+                                                 temperature=options.temperature, beta=options.beta, layers=layers))
     return model, loss, aug, metadata, teacher, options.quant_lr
 
 

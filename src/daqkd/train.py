@@ -23,7 +23,7 @@ from torch import nn
 from .augment import Candidate
 from .checkpoint import save_checkpoint
 from .data import ImageSet
-from .distill import DistillLoss, cross_entropy
+from .distill import DistillLoss, DistillTask
 from .errors import DaqkdError
 from .quant import split_parameters
 from .rundir import BEST_FILE, LAST_FILE, STATE_FILE, append_history, atomic_path
@@ -49,7 +49,6 @@ class TrainConfig:
     save_every: int = 0  # also checkpoint every N steps (0: at epoch ends only)
     eval_batch_size: int = 500
     eval_every: int = 1  # test evaluation every N epochs and after the last one
-    ewgs_delta_every: int = 10  # epochs between Hessian updates of EWGS's delta (when enabled)
     amp: bool = True  # bf16 autocast for training steps on CUDA (evaluation is always float32)
 
 
@@ -173,6 +172,7 @@ class Trainer:
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.forward_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.task = DistillTask(self.loss, self.model, self.teacher, self.forward_model)
         self.writer = None
 
     def _calibrate(self) -> None:
@@ -274,7 +274,7 @@ class Trainer:
         sums: dict[str, float] = {}
         seen = 0
         start = time.perf_counter()
-        self._maybe_update_ewgs_delta(order)
+        self._epoch_hooks(order)
         for b in range(self.step_in_epoch, self.steps_per_epoch):
             idx = order[b * config.batch_size:(b + 1) * config.batch_size]
             x, targets = self._batch(idx, torch.Generator().manual_seed(mix_seed(config.seed, epoch, b)))
@@ -332,12 +332,7 @@ class Trainer:
 
     def _step(self, x: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
         with autocast(self.device, self.config.amp):
-            teacher_logits = None
-            if self.teacher is not None and self.loss.needs_teacher:
-                with torch.no_grad():
-                    teacher_logits = self.teacher(x)
-            logits = self.forward_model(x)
-            terms = self.loss(logits, teacher_logits, targets)
+            terms = self.task(x, targets)
         loss = terms["loss"]
         if not torch.isfinite(loss):
             raise DaqkdError(
@@ -351,19 +346,22 @@ class Trainer:
             scheduler.step()
         return {k: float(v.detach()) for k, v in terms.items()}
 
-    def _maybe_update_ewgs_delta(self, order: torch.Tensor) -> None:
-        """Hessian-based EWGS delta every ``ewgs_delta_every`` epochs, from a few batches."""
-        from .quant import update_ewgs_delta
-        from .quant.ewgs import EWGSQuantizer
+    def _epoch_hooks(self, order: torch.Tensor) -> None:
+        """Each quantizer class's ``on_epoch_start`` (EWGS's Hessian delta), at an epoch's start; the
+        batches it may ask for are the epoch's first ones, up to 64 images each."""
+        from .quant import Quantizer
 
-        if self.step_in_epoch or self.epoch % max(1, self.config.ewgs_delta_every):
+        if self.step_in_epoch:
             return
-        if not any(isinstance(m, EWGSQuantizer) and m.hessian_delta for m in self.model.modules()):
-            return
-        batches = []
-        for b in range(min(2, self.steps_per_epoch)):
-            idx = order[b * self.config.batch_size:(b + 1) * self.config.batch_size][:64]
-            batches.append(self._batch(idx, torch.Generator().manual_seed(mix_seed(self.config.seed, self.epoch, b))))
-        # the Hessian of the label cross-entropy (the KD term would need the teacher per batch)
-        update_ewgs_delta(self.model, cross_entropy, batches)
+        classes = {type(m): None for m in self.model.modules() if isinstance(m, Quantizer)}
 
+        def sample_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+            batches = []
+            for b in range(min(2, self.steps_per_epoch)):
+                idx = order[b * self.config.batch_size:(b + 1) * self.config.batch_size][:64]
+                generator = torch.Generator().manual_seed(mix_seed(self.config.seed, self.epoch, b))
+                batches.append(self._batch(idx, generator))
+            return batches
+
+        for cls in classes:
+            cls.on_epoch_start(self.model, self.epoch, sample_batches)

@@ -48,6 +48,11 @@ def add_student_args(s: argparse.ArgumentParser, teacher_required: bool = True) 
     s.add_argument("--gamma", type=float, default=1.0, help="CE weight")
     s.add_argument("--alpha", type=float, default=2.0, help="KD weight")
     s.add_argument("--temperature", type=float, default=4.0)
+    s.add_argument("--beta", type=float,
+                   help="weight of a feature KD term (--kd at: default 1000, sp: 3000, as in RepDistiller)")
+    s.add_argument("--kd-layers", metavar="NAMES",
+                   help="comma-separated module names a feature KD loss compares (default: at every residual "
+                        "stage, sp the last; e.g. layer1,layer2,layer3)")
     s.add_argument("--augs", default="all", help="candidates for --aug auto")
     s.add_argument("--quant-lr", type=float, default=1e-5)
 

@@ -45,6 +45,7 @@ class QuantConfig:
     ewgs_delta: float | None = 0.0
     ewgs_init: str = "paper"
     pact_alpha: float = 10.0
+    ewgs_delta_every: int = 10  # epochs between Hessian updates of EWGS's delta (when ewgs_delta is None)
 
     def validate(self) -> None:
         if self.method not in QUANTIZERS:
@@ -114,8 +115,23 @@ class Quantizer(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             return self.quantize(x)
 
+    # The protocol a QAT method implements; train.py and quantize_model know no method by name.
+    l2_parameters: tuple[str, ...] = ()  # own parameters that want weight decay (PACT's alpha)
+    calibrates_output = False  # whether the layer calls calibrate_output on its first batch
+
     def initialize(self, x: torch.Tensor) -> None:
         """Set data-dependent parameters from the first tensor (no grad)."""
+
+    def calibrate_output(self, fp_out: torch.Tensor, quant_out: torch.Tensor) -> None:
+        """Fit output-side state on the first batch: the layer's FP and quantized outputs (weights'
+        quantizers with ``calibrates_output``; EWGS's output scale)."""
+
+    @classmethod
+    def on_epoch_start(cls, model: nn.Module, epoch: int,
+                       sample_batches: Callable[[], list[tuple[torch.Tensor, torch.Tensor]]]) -> None:
+        """Called once per epoch (before its first step) for each quantizer class in the model, with
+        the 0-based epoch and a function that draws a few training batches (x, targets) on demand;
+        EWGS updates its Hessian delta here."""
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -179,7 +195,7 @@ class QuantLayerMixin:
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.weight_quantizer.is_initialized and hasattr(self.weight_quantizer, "calibrate_output"):
+        if not self.weight_quantizer.is_initialized and self.weight_quantizer.calibrates_output:
             with torch.no_grad():
                 # the scale multiplies the weights, so it is fitted on the outputs without the bias
                 quant_out = self._op(self.act_quantizer(x), self.weight_quantizer(self.weight), None)

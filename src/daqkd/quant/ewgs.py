@@ -27,6 +27,7 @@ import math
 from collections.abc import Callable, Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
@@ -100,9 +101,11 @@ class EWGSQuantizer(Quantizer):
     """Learnable interval [lower, upper]; weights also carry the layer's output scale."""
 
     def __init__(self, bits: int, is_weight: bool, channels: int | None = None, delta: float | None = 0.0,
-                 init: str = "paper") -> None:
+                 init: str = "paper", delta_every: int = 10) -> None:
         super().__init__(bits, is_weight, channels)
         self.init = init
+        self.calibrates_output = is_weight
+        self.delta_every = max(1, delta_every)
         shape = channels if channels else ()
         self.lower = nn.Parameter(torch.zeros(shape))
         self.upper = nn.Parameter(torch.ones(shape))
@@ -150,9 +153,24 @@ class EWGSQuantizer(Quantizer):
         self.output_scale.data = (self.output_scale.data.abs() * ratio).reshape(())
 
 
+    @classmethod
+    def on_epoch_start(cls, model: nn.Module, epoch: int,
+                       sample_batches: Callable[[], list[tuple[torch.Tensor, torch.Tensor]]]) -> None:
+        """The Hessian-based delta every ``delta_every`` epochs, from a few batches and the label CE
+        (the KD term would need the teacher per batch)."""
+        hessian = [m for m in model.modules() if isinstance(m, cls) and m.hessian_delta]
+        if hessian and epoch % hessian[0].delta_every == 0:
+            update_ewgs_delta(model, _cross_entropy, sample_batches())
+
+
+def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """CE with hard (B,) or soft (B, K) targets."""
+    return F.cross_entropy(logits.float(), targets.float() if targets.ndim == 2 else targets)
+
+
 @register_quantizer("ewgs")
 def ewgs(bits: int, is_weight: bool, channels: int | None, config: QuantConfig) -> Quantizer:
-    return EWGSQuantizer(bits, is_weight, channels, config.ewgs_delta, config.ewgs_init)
+    return EWGSQuantizer(bits, is_weight, channels, config.ewgs_delta, config.ewgs_init, config.ewgs_delta_every)
 
 
 def update_ewgs_delta(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],

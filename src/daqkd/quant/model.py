@@ -67,7 +67,7 @@ def split_parameters(model: nn.Module) -> ParamGroups:
     quantizer, decay = [], []
     for module in model.modules():
         if isinstance(module, Quantizer):
-            wants_l2 = set(getattr(module, "l2_parameters", ()))
+            wants_l2 = set(module.l2_parameters)
             for name, p in module.named_parameters(recurse=False):
                 (decay if name in wants_l2 else quantizer).append(p)
     seen = {id(p) for p in quantizer + decay}
