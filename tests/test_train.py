@@ -313,3 +313,23 @@ def test_quantizer_epoch_hooks_run_without_the_loop_knowing_the_method(tmp_path:
     assert calls == [0, 1, 2]
     deltas = [float(m.delta) for m in net.modules() if isinstance(m, EWGSQuantizer)]
     assert deltas != deltas_before and all(d >= 0 for d in deltas)
+
+
+def test_outputs_are_written_atomically_with_the_usual_mode(tmp_path: Path) -> None:
+    import os
+
+    from daqkd.checkpoint import save_checkpoint
+    from daqkd.rundir import atomic_path, write_json_atomic
+
+    old = os.umask(0o022)
+    try:
+        write_json_atomic(tmp_path / "a.json", {"x": 1})
+        save_checkpoint(tmp_path / "m.safetensors", torch.nn.Linear(2, 2), {"arch": "x"})
+        with pytest.raises(RuntimeError), atomic_path(tmp_path / "b.json") as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed mid-write")
+    finally:
+        os.umask(old)
+    assert {p.name for p in tmp_path.iterdir()} == {"a.json", "m.safetensors"}  # no temp file, no b.json
+    for name in ("a.json", "m.safetensors"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644
