@@ -4,8 +4,9 @@ ranking candidate beside the built-in batched ones.
 The callable gets each cached image, a (3, H, W) uint8 CPU tensor, and returns a (3, S, S) uint8
 tensor (the same S for every image); it owns the whole pipeline, crop and flip included, e.g.
 ``v2.Compose([v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip(), v2.ColorJitter(0.4, 0.4)])``.
-Images go through it one by one on the CPU, so this path is much slower than the built-in batched
-DAs (about 10x for torchvision's policies on 32x32 images; benchmarks/RESULTS.md). torchvision's
+Images go through it one by one on the CPU, so this path is slower than the built-in batched DAs:
+5-8x for torchvision's policies on 32x32 images on one CPU thread (benchmarks/custom_da.py,
+benchmarks/RESULTS.md), and it cannot run on the GPU. torchvision's
 transforms draw from torch's global random generator: each batch reseeds it (in a forked RNG
 state) from the pass's generator, so a seed gives the same draws, and each image its own draw.
 """
