@@ -33,11 +33,24 @@ def test_limit_indices_keeps_order() -> None:
         limit_indices([0], 0)
 
 
-def test_mixed_sizes_stay_a_list(tmp_path: Path) -> None:
-    root = make_image_folder(tmp_path / "a", classes=2, per_class=2, splits=("train",))
-    write_png(torch.zeros(3, 40, 50, dtype=torch.uint8), str(root / "train" / "class_1" / "zz_big.png"))
-    data = load_image_folder(root)
-    assert isinstance(data.images, list) and data.images[-1].shape == (3, 40, 50)
+def test_a_few_odd_sizes_are_resized_with_a_warning_and_mixed_sets_stay_lists(tmp_path: Path) -> None:
+    """One stray image must not send a 32x32 set down the 224-pixel RandomResizedCrop path."""
+    from daqkd.data import DataWarning
+
+    root = make_image_folder(tmp_path / "a", classes=2, per_class=3, splits=("train",))
+    stray = torch.arange(3 * 40 * 50).remainder(256).to(torch.uint8).view(3, 40, 50)
+    write_png(stray, str(root / "train" / "class_1" / "zz_big.png"))
+    with pytest.warns(DataWarning, match=r"1 of 7 images in .* are not 32x32 .*\(40, 50\).*resized to 32x32"):
+        data = load_image_folder(root)
+    assert isinstance(data.images, torch.Tensor) and data.images.shape == (7, 3, 32, 32)
+    from torchvision.transforms.v2 import functional as TF
+
+    assert torch.equal(data.images[-1], TF.resize(stray, [32, 32], antialias=True))
+    mixed = tmp_path / "m" / "train" / "c"
+    mixed.mkdir(parents=True)
+    for i, size in enumerate(((100, 80), (90, 120), (100, 80), (70, 70))):  # no majority size: large-image path
+        write_png(torch.zeros(3, *size, dtype=torch.uint8), str(mixed / f"{i}.png"))
+    assert isinstance(load_image_folder(tmp_path / "m").images, list)
 
 
 def test_missing_and_malformed_folders(tmp_path: Path, tiny_folder: Path) -> None:

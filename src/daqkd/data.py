@@ -69,11 +69,35 @@ class ImageSet:
         return [self.images[i] for i in indices.tolist()]
 
 
-def stack_if_uniform(images: Sequence[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
-    """One (N, 3, H, W) tensor if all images share a size, else the list."""
-    if images and all(im.shape == images[0].shape for im in images):
+class DataWarning(UserWarning):
+    """Something about the data that changes what daqkd does with it (the CLI prints one line)."""
+
+
+def stack_if_uniform(images: Sequence[torch.Tensor], source: str = "the data") -> torch.Tensor | list[torch.Tensor]:
+    """One (N, 3, H, W) tensor if all images share a size; else the list (images of any size: the
+    RandomResizedCrop path), unless most images share one small size (<= SMALL_IMAGE_MAX px, a
+    CIFAR-like set with a few odd images): those few are resized to it, with a DataWarning that says
+    how many, so one stray image never sends the whole set down the large-image path."""
+    from collections import Counter
+
+    from torchvision.transforms.v2 import functional as TF
+
+    from .augment.base import SMALL_IMAGE_MAX
+
+    if not images:
+        return list(images)
+    sizes = Counter(tuple(im.shape[-2:]) for im in images)
+    if len(sizes) == 1:
         return torch.stack(list(images))
-    return list(images)
+    (height, width), count = sizes.most_common(1)[0]
+    if count * 2 <= len(images) or max(height, width) > SMALL_IMAGE_MAX:
+        return list(images)
+    odd = len(images) - count
+    warnings.warn(f"{odd:,} of {len(images):,} images in {source} are not {height}x{width} like the others "
+                  f"(e.g. {next(tuple(s) for s in sizes if s != (height, width))}); resized to {height}x{width}",
+                  DataWarning, stacklevel=2)
+    return torch.stack([im if tuple(im.shape[-2:]) == (height, width)
+                        else TF.resize(im, [height, width], antialias=True) for im in images])
 
 
 def limit_indices(labels: Sequence[int], limit_per_class: int | None) -> list[int]:
@@ -138,7 +162,7 @@ def load_image_folder(root: str | Path, split: str = "train",
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # decoding releases the GIL
         images = list(pool.map(decode_file, [files[i] for i in keep], chunksize=256))
     return ImageSet(
-        images=stack_if_uniform(images),
+        images=stack_if_uniform(images, str(split_dir)),
         labels=torch.tensor([labels[i] for i in keep], dtype=torch.int64),
         classes=classes,
         source=str(split_dir),
@@ -358,7 +382,7 @@ def image_set_from_dataset(dataset: Any, classes: Sequence[str] | None = None, s
     if not images:
         raise DaqkdError("the data set is empty")
     names = list(classes or getattr(dataset, "classes", None) or [str(k) for k in range(max(labels) + 1)])
-    return ImageSet(stack_if_uniform(images), torch.tensor(labels, dtype=torch.int64), names, source)
+    return ImageSet(stack_if_uniform(images, source), torch.tensor(labels, dtype=torch.int64), names, source)
 
 
 def load_data(data: str | None, dataset: str | None, split: str = "train",
