@@ -333,3 +333,53 @@ def test_outputs_are_written_atomically_with_the_usual_mode(tmp_path: Path) -> N
     assert {p.name for p in tmp_path.iterdir()} == {"a.json", "m.safetensors"}  # no temp file, no b.json
     for name in ("a.json", "m.safetensors"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o644
+
+
+def test_class_names_must_match_the_checkpoint(tmp_path: Path, tiny_folder: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    run = tmp_path / "t"
+    assert main(["teacher", "--data", str(tiny_folder), "--arch", "resnet20", "--epochs", "1", "--batch-size", "12",
+                 "--out", str(run), "--no-progress"]) == 0
+    renamed = tmp_path / "renamed"
+    shutil.copytree(tiny_folder, renamed)
+    for split in ("train", "test"):  # same count, other names: class_2 becomes a_class (sorted first)
+        (renamed / split / "class_2").rename(renamed / split / "a_class")
+    capsys.readouterr()
+    for command in (["eval", str(run)], ["train", "--teacher", str(run), "--out", str(tmp_path / "s"), "--aug", "none"],
+                    ["rank", "--weights", str(run), "--augs", "none"]):
+        assert main([*command, "--data", str(renamed)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "its class 0 is 'class_0', the data's 'a_class'" in err[0], err
+    assert not (tmp_path / "s").exists()
+
+
+def test_ctrl_c_prints_one_line_and_resume_alone_finishes_the_run(tmp_path: Path, tiny_folder: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from daqkd.train import Trainer
+
+    args = ["teacher", "--data", str(tiny_folder), "--arch", "resnet20", "--epochs", "2", "--batch-size", "12",
+            "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+    step = Trainer._step
+
+    def interrupt_in_epoch_two(self, x, targets):
+        if self.epoch == 1:
+            raise KeyboardInterrupt
+        return step(self, x, targets)
+
+    monkeypatch.setattr(Trainer, "_step", interrupt_in_epoch_two)
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "cut")]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0] == (f"daqkd: interrupted: {tmp_path / 'cut'} keeps its last checkpoint (epoch "
+                                        f"end or --save-every step); continue with: daqkd teacher --resume --out "
+                                        f"{tmp_path / 'cut'}"), err
+    monkeypatch.setattr(Trainer, "_step", step)
+    assert main(["teacher", "--resume", "--out", str(tmp_path / "cut"), "--no-progress"]) == 0  # no --arch needed
+    from daqkd.loading import load_model
+
+    whole, cut = load_model(tmp_path / "whole")[0].state_dict(), load_model(tmp_path / "cut")[0].state_dict()
+    assert all(torch.equal(whole[k], cut[k]) for k in whole)

@@ -253,11 +253,9 @@ def data_statistics(data: ImageSet) -> Normalization:
 RESUME_KEEPS = ("resume", "out", "no_progress", "device")
 
 
-def prepare_run(options: Options, command: str) -> tuple[Options, Path]:
-    """Create the run directory and write config.json; with ``resume``, the stored options instead.
-
-    Returns (the options the run uses, the run directory).
-    """
+def prepare_run(options: Options) -> tuple[Options, Path]:
+    """The options a run uses and its directory, checked, nothing written: with ``resume``, the
+    options stored in RUN/config.json (except RESUME_KEEPS)."""
     if options.out is None:
         raise DaqkdError("pass --out RUN (the run directory)")
     run = Path(options.out)
@@ -270,24 +268,33 @@ def prepare_run(options: Options, command: str) -> tuple[Options, Path]:
         options = replace(options, **{k: v for k, v in stored.items() if k in names and k not in RESUME_KEEPS})
     elif (run / STATE_FILE).exists():
         raise DaqkdError(f"{run} already holds a run: pass --resume to continue it, or another --out")
+    return options, run
+
+
+def write_run_config(options: Options, run: Path, command: str) -> None:
+    """RUN/config.json: the options (enough to rerun or resume), the command and argv."""
     run.mkdir(parents=True, exist_ok=True)
     if is_main_process():
-        write_json_atomic(config_file, {"command": command, "args": asdict(options), "argv": sys.argv[1:]})
-    return options, run
+        write_json_atomic(run / CONFIG_FILE, {"command": command, "args": asdict(options), "argv": sys.argv[1:]})
 
 
 def train_run(options: TrainOptions, command: str, data: tuple[ImageSet, ImageSet] | None,
               build: Any) -> Trainer:
-    """The run path teacher and student share: prepare RUN, load the data, let ``build(options, train,
-    device, run)`` make (model, loss, aug, metadata, teacher), train (resuming if asked), return the
-    Trainer."""
+    """The run path teacher and student share: check the options, load the data, let ``build(options,
+    train, device, run)`` make (model, loss, aug, metadata, teacher, quantizer LR), and only then
+    write RUN/config.json (a failed command leaves no half-made run); train (resuming if asked) and
+    return the Trainer."""
     init_distributed()
-    options, run = prepare_run(options, command)
+    options, run = prepare_run(options)
+    config = options.train_config(options.aug or "none")  # checks epochs, batch size, eval_every
     device = select_device(options.device)
     torch.manual_seed(options.seed)
     train, test = data if data is not None else options.load_train_test()
     model, loss, aug, metadata, teacher, quant_lr = build(options, train, device, run)
-    trainer = Trainer(model, loss, train, test, options.train_config(aug, quant_lr), run, device, metadata,
+    config = replace(config, aug=aug, quant_lr=quant_lr)
+    if not options.resume:
+        write_run_config(options, run, command)
+    trainer = Trainer(model, loss, train, test, config, run, device, metadata,
                       teacher=teacher, progress=not options.no_progress)
     if options.resume:
         trainer.resume()
@@ -305,7 +312,7 @@ def _build_teacher(options: TeacherOptions, train: ImageSet, device: torch.devic
     parse_candidates(options.aug or "none")
     if options.init:
         model, info = load_model(options.init, arch=options.arch, normalize=options.normalize,
-                                 num_classes=train.num_classes)
+                                 num_classes=train.num_classes, classes=train.classes)
         if info["quant"]:
             raise DaqkdError(f"--init {options.init} is a quantized student: a teacher starts from "
                              "full-precision weights")
@@ -321,20 +328,23 @@ def _build_teacher(options: TeacherOptions, train: ImageSet, device: torch.devic
 def train_teacher(options: TeacherOptions, data: tuple[ImageSet, ImageSet] | None = None) -> Trainer:
     """Train or fine-tune a full-precision model into ``options.out``; returns the finished Trainer
     (``best_top1``, ``history``). ``data`` = (train, test) already loaded, else from the options."""
+    if options.arch is None and not options.resume:
+        raise DaqkdError("pass --arch (the teacher's architecture)")
     return train_run(options, "teacher", data, _build_teacher)
 
 
-def load_teacher(options: StudentOptions, num_classes: int) -> tuple[NormalizedModel, dict[str, Any]]:
+def load_teacher(options: StudentOptions, num_classes: int,
+                 classes: list[str] | None = None) -> tuple[NormalizedModel, dict[str, Any]]:
     """The teacher of a student: a daqkd checkpoint, or published weights whose architecture is
     ``teacher_arch`` (else ``arch``) and whose statistics are ``normalize``."""
     if options.teacher is None:
         raise DaqkdError("pass --teacher RUN (the teacher's run directory or checkpoint)")
     return load_model(options.teacher, arch=options.teacher_arch, normalize=options.normalize,
-                      num_classes=num_classes, fallback_arch=options.arch)
+                      num_classes=num_classes, fallback_arch=options.arch, classes=classes)
 
 
 def _build_student(options: StudentOptions, train: ImageSet, device: torch.device, run: Path) -> tuple:
-    teacher, teacher_meta = load_teacher(options, train.num_classes)
+    teacher, teacher_meta = load_teacher(options, train.num_classes, train.classes)
     arch = options.arch or teacher_meta["arch"]
     quant = options.quant_config()
     aug = options.aug or "auto"
@@ -367,6 +377,8 @@ def _build_student(options: StudentOptions, train: ImageSet, device: torch.devic
 
 def train_student(options: StudentOptions, data: tuple[ImageSet, ImageSet] | None = None) -> Trainer:
     """QAT + KD of a low-bit student into ``options.out``; returns the finished Trainer."""
+    if options.teacher is None and not options.resume:
+        raise DaqkdError("pass --teacher RUN (the teacher's run directory or checkpoint)")
     return train_run(options, "train", data, _build_student)
 
 
@@ -396,7 +408,7 @@ def rank_augmentations(options: RankOptions, progress: Any = None, *, custom: Se
     elif not isinstance(data, ImageSet):
         data = image_set_from_dataset(data)
     model, info = load_model(options.weights, arch=options.arch, normalize=options.normalize,
-                             num_classes=data.num_classes)
+                             num_classes=data.num_classes, classes=data.classes)
     config = RankConfig(
         augs=augs, batch_size=options.batch_size, seed=options.seed, repeats=options.repeats,
         cmi_weight=options.cmi_weight, score=options.score, variance_group=options.variance_group,
@@ -431,7 +443,7 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
         raise DaqkdError("pass the run directory or checkpoint to evaluate")
     test = options.load(options.split)
     model, meta = load_model(options.run, arch=options.arch, normalize=options.normalize,
-                             num_classes=test.num_classes)
+                             num_classes=test.num_classes, classes=test.classes)
     model.to(device)
     metrics = evaluate_model(model, test, device)
     quant = meta.get("quant")

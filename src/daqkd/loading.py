@@ -70,7 +70,8 @@ def _head_key(state: dict[str, torch.Tensor]) -> str:
 
 
 def load_model(path: str | Path, *, arch: str | None = None, normalize: str | None = None,
-               num_classes: int | None = None, fallback_arch: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+               num_classes: int | None = None, fallback_arch: str | None = None,
+               classes: list[str] | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Any classifier checkpoint as a model that takes uint8 images (a NormalizedModel).
 
     ``path`` is a daqkd run directory or checkpoint (FP or quantized: architecture, normalization,
@@ -80,7 +81,8 @@ def load_model(path: str | Path, *, arch: str | None = None, normalize: str | No
     sizes a foreign model's head and is checked against a daqkd checkpoint's.
 
     Returns (model, info): info holds ``arch``, ``normalize`` (the m,m,m:s,s,s spec),
-    ``num_classes``, ``quant`` (a QuantConfig dict or None), ``classes`` (names or None),
+    ``num_classes``, ``quant`` (a QuantConfig dict or None), ``classes`` (names or None: a daqkd
+    checkpoint's names must equal ``classes``, the data's, in order),
     ``weights`` (the file read) and ``foreign`` (True without daqkd metadata), plus the rest of a
     daqkd checkpoint's metadata.
     """
@@ -112,10 +114,19 @@ def load_model(path: str | Path, *, arch: str | None = None, normalize: str | No
             raise DaqkdError(f"{file} was trained with normalization {stored.spec()}, not --normalize {normalize}: "
                              "drop --normalize (daqkd checkpoints know their normalization)")
         meta = {"num_classes": len(meta.get("classes") or []) or None, "quant": None, "classes": None, **meta}
-    classes = num_classes if num_classes is not None else meta["num_classes"]
-    if classes is None:
+    stored_classes = meta.get("classes")
+    if classes is not None and stored_classes and len(stored_classes) == len(classes):
+        differ = [i for i, (a, b) in enumerate(zip(stored_classes, classes)) if a != b]
+        if differ:
+            i = differ[0]
+            raise DaqkdError(
+                f"{file} was trained on other classes than the data's: its class {i} is {stored_classes[i]!r}, "
+                f"the data's {classes[i]!r} ({len(differ)} of {len(classes)} differ); pass the data set it was "
+                "trained on (class names and their order must match)")
+    count = num_classes if num_classes is not None else meta["num_classes"]
+    if count is None:
         raise DaqkdError(f"{file} does not say how many classes it has: pass --data with its data set")
-    model = create_model(meta["arch"], int(classes))
+    model = create_model(meta["arch"], int(count))
     if meta["quant"]:
         quantize_model(model, QuantConfig(**meta["quant"]))
     load_state_dict_strict(model, state, file, meta["arch"])

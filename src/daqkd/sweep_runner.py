@@ -266,7 +266,7 @@ def run_sweep(args: SweepOptions) -> dict[str, Any]:
     rank_file = out / RANK_FILE
     ranking = stored_ranking(rank_file, names)
     if ranking is None:
-        teacher, _ = load_teacher(args, train.num_classes)
+        teacher, _ = load_teacher(args, train.num_classes, train.classes)
         ranking = rank_and_save(teacher, train, augs, args.seed, device, rank_file, main, args.controls == "all")
     if main:
         order = ", ".join(c["name"] for c in sorted(ranking["candidates"], key=lambda c: c["rank"]))

@@ -7,8 +7,11 @@ Input mistakes end with one ``daqkd: error: ...`` line and exit status 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import warnings
 from collections.abc import Sequence
+from typing import Any
 
 from .. import __version__
 from ..errors import DaqkdError
@@ -26,13 +29,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def interrupted_message(args: argparse.Namespace) -> str:
+    """What a Ctrl-C leaves behind, and how to go on."""
+    out = getattr(args, "out", None)
+    if args.command in ("teacher", "train") and out:
+        return (f"interrupted: {out} keeps its last checkpoint (epoch end or --save-every step); "
+                f"continue with: daqkd {args.command} --resume --out {out}")
+    if args.command == "sweep" and out:
+        return (f"interrupted: {out} keeps every finished student and the others' last checkpoints; "
+                "run the same command again to continue")
+    return "interrupted: nothing was written"
+
+
+def show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                 file: Any = None, line: str | None = None) -> None:
+    """Warnings about the user's data or options as one ``daqkd: warning:`` line each."""
+    print(f"daqkd: warning: {message}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = warnings.showwarning
+    warnings.showwarning = show_warning
     try:
         return args.func(args)
     except DaqkdError as exc:
         print(f"daqkd: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\ndaqkd: {interrupted_message(args)}", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `daqkd eval ... | head`: the reader left; say nothing more
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    finally:
+        warnings.showwarning = previous
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ DEFAULTS = TeacherOptions()
 def add_parser(subparsers: Any) -> None:
     t = subparsers.add_parser("teacher", help="train or fine-tune a full-precision model")
     add_data_args(t, split=False)
-    t.add_argument("--arch", required=True, help=ARCH_HELP)
+    t.add_argument("--arch", help=ARCH_HELP + " (required, except with --resume)")
     t.add_argument(
         "--init",
         metavar="RUN|FILE",
