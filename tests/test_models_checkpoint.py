@@ -164,3 +164,37 @@ def test_named_normalizations_say_whose_they_are() -> None:
     assert parse_normalization("cifar100-chenyaofo").mean == (0.5070, 0.4865, 0.4409)
     assert parse_normalization("cifar100-chenyaofo").std == (0.2673, 0.2564, 0.2761)
     assert parse_normalization("cifar100-authors") == parse_normalization("0.5071,0.4867,0.4408:0.2675,0.2565,0.2761")
+
+
+@pytest.mark.parametrize("metadata,message", [
+    ("{not json", "damaged daqkd metadata (not JSON"),
+    ('["arch"]', "damaged daqkd metadata (a list"),
+    ('{"arch": "resnet20", "normalize": "cifar10", "num_classes": "3"}', "num_classes is '3'"),
+    ('{"arch": "resnet20", "normalize": "cifar10", "num_classes": -1}', "num_classes is -1"),
+    (('{"arch": "resnet20", "normalize": "cifar10", "num_classes": 3, "quant": {"method": "ewgs", "w_bits": 2, '
+     '"warp": 1}}'), "does not know (warp)"),
+])
+def test_damaged_metadata_gives_one_line(metadata: str, message: str, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str], tiny_folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    from daqkd.cli import main
+
+    model = create_model("resnet20", 3)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "m.safetensors"),
+              metadata={"daqkd": metadata})
+    assert main(["eval", str(tmp_path / "m.safetensors"), "--data", str(tiny_folder)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_torn_last_metrics_line_is_an_unfinished_epoch(tmp_path: Path) -> None:
+    from daqkd.rundir import finished_run, read_history
+
+    lines = [json.dumps({"epoch": e, "test_top1": 50.0 + e, "test_top5": 90.0, "seconds": 1.0}) for e in (1, 2)]
+    (tmp_path / "metrics.jsonl").write_text(lines[0] + "\n" + lines[1][:17])  # killed while writing epoch 2
+    assert [h["epoch"] for h in read_history(tmp_path)] == [1]
+    assert finished_run(tmp_path, 2) is None and finished_run(tmp_path, 1)["top1"] == 51.0
+    (tmp_path / "metrics.jsonl").write_text(lines[0][:10] + "\n" + lines[1] + "\n")
+    with pytest.raises(DaqkdError, match="line 1 is not JSON"):
+        read_history(tmp_path)

@@ -383,3 +383,11 @@ def test_ctrl_c_prints_one_line_and_resume_alone_finishes_the_run(tmp_path: Path
 
     whole, cut = load_model(tmp_path / "whole")[0].state_dict(), load_model(tmp_path / "cut")[0].state_dict()
     assert all(torch.equal(whole[k], cut[k]) for k in whole)
+
+
+def test_bad_ewgs_delta_is_one_line(tmp_path: Path, tiny_folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--data", str(tiny_folder), "--teacher", str(tmp_path / "t"), "--ewgs-delta", "abc",
+                 "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--ewgs-delta must be a number or 'hessian', got 'abc'" in err[0], err
+    assert not (tmp_path / "s").exists()

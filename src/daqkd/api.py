@@ -379,6 +379,8 @@ def train_student(options: StudentOptions, data: tuple[ImageSet, ImageSet] | Non
     """QAT + KD of a low-bit student into ``options.out``; returns the finished Trainer."""
     if options.teacher is None and not options.resume:
         raise DaqkdError("pass --teacher RUN (the teacher's run directory or checkpoint)")
+    if not options.resume:
+        options.quant_config()  # bits, method, --first-last, --ewgs-delta: before anything is loaded
     return train_run(options, "train", data, _build_student)
 
 

@@ -36,7 +36,16 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
                 raw = (f.metadata() or {}).get(METADATA_KEY)
         except (SafetensorError, OSError) as exc:
             raise DaqkdError(f"cannot read {path} as safetensors ({exc}): is the file complete?") from exc
-        return state, json.loads(raw) if raw else {}
+        if not raw:
+            return state, {}
+        try:
+            meta = json.loads(raw)
+        except ValueError as exc:
+            raise DaqkdError(f"{path} has damaged daqkd metadata (not JSON: {exc}): use another checkpoint of "
+                             "the run (last.safetensors) or retrain it") from exc
+        if not isinstance(meta, dict):
+            raise DaqkdError(f"{path} has damaged daqkd metadata (a {type(meta).__name__}, not an object)")
+        return state, meta
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ...

@@ -106,6 +106,7 @@ def load_model(path: str | Path, *, arch: str | None = None, normalize: str | No
         meta = {"arch": arch, "normalize": parse_normalization(normalize).spec(), "num_classes": num_classes,
                 "quant": None, "classes": None}
     else:
+        check_metadata(file, meta)
         if arch is not None and arch != meta["arch"]:
             raise DaqkdError(f"{file} is a {meta['arch']} checkpoint, not --arch {arch}: drop --arch "
                              "(daqkd checkpoints know their architecture)")
@@ -128,11 +129,35 @@ def load_model(path: str | Path, *, arch: str | None = None, normalize: str | No
         raise DaqkdError(f"{file} does not say how many classes it has: pass --data with its data set")
     model = create_model(meta["arch"], int(count))
     if meta["quant"]:
-        quantize_model(model, QuantConfig(**meta["quant"]))
+        quantize_model(model, QuantConfig(**meta["quant"]))  # keys checked by check_metadata
     load_state_dict_strict(model, state, file, meta["arch"])
     norm = parse_normalization(meta["normalize"])
     info = {**meta, "normalize": norm.spec(), "weights": str(file), "foreign": foreign}
     return NormalizedModel(model, norm), info
+
+
+def check_metadata(file: Path, meta: dict[str, Any]) -> None:
+    """One error line for daqkd metadata that would otherwise fail deep inside model building."""
+    from dataclasses import fields
+
+    from .quant import QuantConfig
+
+    if not isinstance(meta.get("arch"), str) or not isinstance(meta.get("normalize"), str):
+        raise DaqkdError(f"{file} has damaged daqkd metadata: arch and normalize must be strings")
+    count = meta.get("num_classes")
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+        raise DaqkdError(f"{file} has damaged daqkd metadata: num_classes is {count!r}, not a positive integer")
+    classes = meta.get("classes")
+    if classes is not None and (not isinstance(classes, list) or not all(isinstance(c, str) for c in classes)):
+        raise DaqkdError(f"{file} has damaged daqkd metadata: classes must be a list of names")
+    quant = meta.get("quant")
+    if quant is not None:
+        if not isinstance(quant, dict):
+            raise DaqkdError(f"{file} has damaged daqkd metadata: quant is a {type(quant).__name__}, not an object")
+        unknown = sorted(set(quant) - {f.name for f in fields(QuantConfig)})
+        if unknown:
+            raise DaqkdError(f"{file} has a quantization setting this daqkd does not know ({', '.join(unknown)}): "
+                             "it was written by another version; use that version or retrain")
 
 
 def model_size_bytes(model: nn.Module) -> dict[str, float]:

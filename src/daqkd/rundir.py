@@ -70,7 +70,17 @@ def read_history(run: str | Path) -> list[dict[str, Any]]:
     metrics = Path(run) / METRICS_FILE
     if not metrics.is_file():
         return []
-    return [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    lines = [line for line in metrics.read_text().splitlines() if line.strip()]
+    history = []
+    for number, line in enumerate(lines, 1):
+        try:
+            history.append(json.loads(line))
+        except ValueError as exc:
+            if number == len(lines):  # a write cut short by a kill: that epoch is not in the log
+                break
+            raise DaqkdError(f"{metrics} line {number} is not JSON: the run's log is damaged; delete the run "
+                             "or repair the line") from exc
+    return history
 
 
 def append_history(run: str | Path, record: dict[str, Any]) -> None:
