@@ -134,6 +134,34 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path: Path, tiny_folder: Pat
     for key, value in second.model.state_dict().items():
         assert torch.equal(value, expected[key]), key
     assert [h["test_top1"] for h in second.history] == [h["test_top1"] for h in whole.history]
+    # the log equals the uninterrupted one, train loss of the resumed epoch included (timings aside)
+    assert _log(tmp_path / "killed") == _log(tmp_path / "whole")
+
+
+def _log(run: Path) -> list[dict]:
+    timing = ("seconds", "images_per_s")
+    return [{k: v for k, v in json.loads(line).items() if k not in timing}
+            for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_kill_between_log_line_and_state_save_leaves_no_duplicate(tmp_path: Path, tiny_folder: Path) -> None:
+    import shutil
+
+    whole = small_trainer(tiny_folder, tmp_path / "whole", epochs=2, quantized=False)
+    whole.fit()
+    run = tmp_path / "run"
+    first = small_trainer(tiny_folder, run, epochs=2, quantized=False)
+    saved = tmp_path / "state-after-epoch-1.pt"
+    first.on_step = lambda step: shutil.copy(run / "state.pt", saved) if step == 5 else None  # epoch 2 begins
+    first.fit()
+    # as if killed after epoch 2's metrics line but before its state.pt: the state is epoch 1's
+    shutil.copy(saved, run / "state.pt")
+    assert len(_log(run)) == 2
+    second = small_trainer(tiny_folder, run, epochs=2, quantized=False)
+    assert second.resume() and second.epoch == 1
+    assert len(_log(run)) == 1  # the log is cut back to what the state has finished
+    second.fit()
+    assert _log(run) == _log(tmp_path / "whole")
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_path: Path, tiny_folder: Path) -> None:

@@ -88,6 +88,11 @@ def append_history(run: str | Path, record: dict[str, Any]) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def write_history(run: str | Path, history: list[dict[str, Any]]) -> None:
+    """Replace RUN/metrics.jsonl by ``history``, atomically."""
+    write_text_atomic(Path(run) / METRICS_FILE, "".join(json.dumps(record) + "\n" for record in history))
+
+
 def finished_run(run: str | Path, epochs: int) -> dict[str, Any] | None:
     """Top-1/top-5 after the last epoch, the best evaluated top-1, the training time and the epochs of
     a run that reached ``epochs``; None otherwise."""

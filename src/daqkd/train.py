@@ -26,7 +26,7 @@ from .data import ImageSet
 from .distill import DistillLoss, DistillTask
 from .errors import DaqkdError
 from .quant import split_parameters
-from .rundir import BEST_FILE, LAST_FILE, STATE_FILE, append_history, atomic_path
+from .rundir import BEST_FILE, LAST_FILE, STATE_FILE, append_history, atomic_path, write_history
 from .runtime import is_main_process, mix_seed
 
 
@@ -154,6 +154,11 @@ class Trainer:
     global_step: int = 0
     best_top1: float = -1.0
     history: list[dict[str, Any]] = field(default_factory=list)
+    # the running epoch's sums of loss terms (x images), images seen and seconds, saved with the state
+    # so that an epoch resumed mid-way logs the same train figures as an uninterrupted one
+    epoch_sums: dict[str, float] = field(default_factory=dict)
+    epoch_seen: int = 0
+    epoch_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
@@ -174,6 +179,7 @@ class Trainer:
             self.forward_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.task = DistillTask(self.loss, self.model, self.teacher, self.forward_model)
         self.writer = None
+        self._epoch_start: float | None = None
 
     def _calibrate(self) -> None:
         """Quantizers initialize from the first batch they see: give them a fixed one (in eval mode,
@@ -205,6 +211,9 @@ class Trainer:
             "schedulers": [s.state_dict() for _, s in self.optimizers],
             "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
             "best_top1": self.best_top1, "history": self.history,
+            "epoch_sums": self.epoch_sums, "epoch_seen": self.epoch_seen,
+            "epoch_seconds": self.epoch_seconds + (time.perf_counter() - self._epoch_start
+                                                   if self._epoch_start is not None else 0.0),
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
@@ -217,6 +226,9 @@ class Trainer:
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.global_step, self.best_top1 = state["global_step"], state["best_top1"]
         self.history = list(state["history"])
+        self.epoch_sums = dict(state.get("epoch_sums", {}))
+        self.epoch_seen = int(state.get("epoch_seen", 0))
+        self.epoch_seconds = float(state.get("epoch_seconds", 0.0))
         torch.set_rng_state(state["rng_cpu"])
         if state["rng_cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng_cuda"])
@@ -238,6 +250,10 @@ class Trainer:
             raise DaqkdError(f"cannot read {path} ({type(exc).__name__}): the run's state is damaged; "
                              "start a new run directory") from exc
         self.load_state_dict(state)
+        if is_main_process():
+            # the log holds exactly the epochs the state has finished: a kill between a log line
+            # and the state save would otherwise leave that epoch twice
+            write_history(self.run_dir, self.history)
         return True
 
     # -- loop ----------------------------------------------------------------------------------
@@ -271,9 +287,10 @@ class Trainer:
                 leave=False,
                 dynamic_ncols=True,
             )
-        sums: dict[str, float] = {}
-        seen = 0
-        start = time.perf_counter()
+        if self.step_in_epoch == 0:
+            self.epoch_sums, self.epoch_seen, self.epoch_seconds = {}, 0, 0.0
+        sums, seen = self.epoch_sums, self.epoch_seen
+        start = self._epoch_start = time.perf_counter()
         self._epoch_hooks(order)
         for b in range(self.step_in_epoch, self.steps_per_epoch):
             idx = order[b * config.batch_size:(b + 1) * config.batch_size]
@@ -286,6 +303,7 @@ class Trainer:
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v * len(x)
             seen += len(x)
+            self.epoch_seen = seen
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{terms['loss']:.3f}", img_s=f"{seen / (time.perf_counter() - start):.0f}")
@@ -298,7 +316,8 @@ class Trainer:
                 self.on_step(self.global_step)
         if bar is not None:
             bar.close()
-        seconds = time.perf_counter() - start
+        seconds = self.epoch_seconds + time.perf_counter() - start
+        self._epoch_start = None
         # the test pass costs as much as 2 epochs of a data-limited run: --eval-every skips it
         evaluated = (epoch + 1) % max(1, config.eval_every) == 0 or epoch + 1 == config.epochs
         metrics = evaluate(self.model, self.test_data, self.device, config.eval_batch_size) if evaluated else {}
