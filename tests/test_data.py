@@ -76,3 +76,9 @@ def test_corrupt_image_names_the_file(tiny_folder: Path) -> None:
 def test_download_without_network_names_data_option(tmp_path: Path) -> None:
     with pytest.raises(DaqkdError, match="--data DIR"):
         load_data(None, "cifar10", download_root=tmp_path)
+
+
+def test_a_file_as_data_folder_says_so(tmp_path: Path) -> None:
+    (tmp_path / "images.txt").write_text("x")
+    with pytest.raises(DaqkdError, match="is a file: pass an ImageFolder directory .* or a .npz archive"):
+        load_data(str(tmp_path / "images.txt"), None)

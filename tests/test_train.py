@@ -419,3 +419,62 @@ def test_bad_ewgs_delta_is_one_line(tmp_path: Path, tiny_folder: Path, capsys: p
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--ewgs-delta must be a number or 'hessian', got 'abc'" in err[0], err
     assert not (tmp_path / "s").exists()
+
+
+def test_resume_removes_partial_files_of_a_killed_write(tmp_path: Path, tiny_folder: Path) -> None:
+    run = tmp_path / "t"
+    assert main(["teacher", "--data", str(tiny_folder), "--arch", "resnet20", "--epochs", "1", "--batch-size", "12",
+                 "--out", str(run), "--no-progress"]) == 0
+    partial = [run / "last.safetensors.k2x9.tmp", run / "state.pt.tmp", run / "config.json.tmp",
+               run / "metrics.jsonl.a1b2.tmp"]
+    for path in partial:
+        path.write_bytes(b"\x00" * 100)  # what a kill during each write leaves
+    assert main(["teacher", "--resume", "--out", str(run), "--no-progress"]) == 0
+    assert not any(path.exists() for path in partial)
+    assert not list(run.glob("*.tmp"))
+
+
+def test_every_option_has_help_and_torch_compile_noise_is_gone() -> None:
+    import argparse
+    import subprocess
+    import sys
+
+    from daqkd.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, command in commands.items():
+        undocumented = [a.option_strings or [a.dest] for a in command._actions if not a.help]
+        assert not undocumented, (name, undocumented)
+    probe = "import daqkd, logging; print(logging.getLogger('torch.utils.cpp_extension').getEffectiveLevel())"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "40" and "CUDA_HOME" not in out.stderr
+
+
+@pytest.mark.parametrize("spec", ["nan,0.5,0.5:0.2,0.2,0.2", "0.5,0.5,0.5:inf,0.2,0.2"])
+def test_non_finite_normalization_is_refused(spec: str) -> None:
+    with pytest.raises(DaqkdError, match="finite"):
+        parse_normalization(spec)
+
+
+def test_integer_or_nan_weights_and_empty_test_classes(tmp_path: Path, tiny_folder: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    model = create_model("resnet20", 3)
+    state = model.state_dict()
+    torch.save({**state, "conv1.weight": state["conv1.weight"].round().to(torch.int64)}, tmp_path / "int.pt")
+    torch.save({**state, "linear.bias": torch.full((3,), float("nan"))}, tmp_path / "nan.pt")
+    foreign = ["--arch", "resnet20", "--normalize", "cifar10", "--data", str(tiny_folder)]
+    for name, message in (("int.pt", "holds torch.int64 values"), ("nan.pt", "NaN or infinite")):
+        assert main(["eval", str(tmp_path / name), *foreign]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    torch.save(state, tmp_path / "ok.pt")
+    partial = tmp_path / "partial"
+    shutil.copytree(tiny_folder, partial)
+    shutil.rmtree(partial / "test" / "class_1")  # no test images of class_1
+    assert main(["eval", str(tmp_path / "ok.pt"), "--arch", "resnet20", "--normalize", "cifar10", "--data",
+                 str(partial), "--out", str(tmp_path / "e.json")]) == 0
+    assert "class_1                 n/a (no test images)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "e.json").read_text())["per_class_top1"]["class_1"] is None

@@ -8,6 +8,12 @@ The Python API (typed options, one function per command; see :mod:`daqkd.api`)::
 
 __version__ = "0.1.0"
 
+import logging
+
+# torch.compile's C++ toolchain probe logs "No CUDA runtime is found, using CUDA_HOME=..." on every
+# CPU-only run that compiles a kernel: noise for a CPU user, so only its errors are shown.
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
 from .api import (
     EvalOptions,
     RankOptions,

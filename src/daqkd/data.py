@@ -130,6 +130,8 @@ def load_image_folder(root: str | Path, split: str = "train",
     """
     root = Path(root)
     split_dir = root / split
+    if root.is_file():
+        raise DaqkdError(f"--data {root} is a file: pass an ImageFolder directory (train/, test/) or a .npz archive")
     if not root.is_dir():
         raise DaqkdError(f"--data {root} does not exist: pass an ImageFolder root with train/ and test/")
     if not split_dir.is_dir():

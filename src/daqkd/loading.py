@@ -40,6 +40,14 @@ def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], pat
                 f"checkpoint {path} does not fit --arch {arch}: {key} has shape "
                 f"{tuple(state[key].shape)}, the model wants {tuple(value.shape)}"
             )
+    for key, value in own.items():
+        if value.is_floating_point() and key in state:
+            if not state[key].is_floating_point():
+                raise DaqkdError(f"checkpoint {path}: {key} holds {state[key].dtype} values where the model has "
+                                 f"{value.dtype} weights: pass a float checkpoint")
+            if not bool(torch.isfinite(state[key]).all()):
+                raise DaqkdError(f"checkpoint {path}: {key} holds NaN or infinite values: the run that wrote it "
+                                 "diverged; use an earlier checkpoint")
     model.load_state_dict(state)
 
 

@@ -56,6 +56,18 @@ def _umask() -> int:
     return mask
 
 
+def remove_partial_files(run: str | Path) -> list[Path]:
+    """Delete the temporary files a kill during a write leaves in RUN (``NAME.*.tmp`` and the older
+    ``NAME.tmp``/``NAMEXXXX.tmp`` forms); returns what was removed."""
+    run = Path(run)
+    removed = []
+    for name in (CONFIG_FILE, METRICS_FILE, STATE_FILE, BEST_FILE, LAST_FILE, RANK_FILE):
+        for partial in run.glob(f"{name}*.tmp"):
+            partial.unlink(missing_ok=True)
+            removed.append(partial)
+    return removed
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

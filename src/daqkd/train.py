@@ -26,7 +26,7 @@ from .data import ImageSet
 from .distill import DistillLoss, DistillTask
 from .errors import DaqkdError
 from .quant import split_parameters
-from .rundir import BEST_FILE, LAST_FILE, STATE_FILE, append_history, atomic_path, write_history
+from .rundir import BEST_FILE, LAST_FILE, STATE_FILE, append_history, atomic_path, remove_partial_files, write_history
 from .runtime import is_main_process, mix_seed
 
 
@@ -120,7 +120,8 @@ def evaluate(model: nn.Module, data: ImageSet, device: torch.device, batch_size:
         "top1": 100.0 * correct1 / n,
         "top5": 100.0 * correct5 / n,
         "loss": loss_sum / n,
-        "per_class_top1": {c: 100.0 * float(per_class_correct[i] / per_class_total[i].clamp_min(1))
+        "per_class_top1": {c: (100.0 * float(per_class_correct[i] / per_class_total[i])
+                               if per_class_total[i] > 0 else None)
                            for i, c in enumerate(data.classes)},
     }
 
@@ -242,6 +243,8 @@ class Trainer:
     def resume(self) -> bool:
         """Continue from RUN/state.pt if present; True if resumed."""
         path = self.run_dir / STATE_FILE
+        if is_main_process():
+            remove_partial_files(self.run_dir)
         if not path.is_file():
             return False
         try:
@@ -356,7 +359,9 @@ class Trainer:
         if not torch.isfinite(loss):
             raise DaqkdError(
                 f"the loss became {float(loss.detach())} at epoch {self.epoch + 1}, step {self.step_in_epoch + 1}; "
-                f"the last good checkpoint is in {self.run_dir}: lower the learning rate (--lr, --quant-lr)")
+                + (f"the last good state is {self.run_dir / STATE_FILE}" if (self.run_dir / STATE_FILE).is_file()
+                   else "no checkpoint was written yet")
+                + ": check the data and the teacher, or lower the learning rates (--lr, --quant-lr)")
         for optimizer, _ in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
         loss.backward()

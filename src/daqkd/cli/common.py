@@ -41,17 +41,18 @@ def add_foreign_args(group: Any, what: str = "weights") -> None:
 
 def add_optim_args(parser: argparse.ArgumentParser, *, lr: float, optimizer: str, aug: str | None) -> None:
     g = parser.add_argument_group("optimization")
-    g.add_argument("--epochs", type=int, default=1)
-    g.add_argument("--batch-size", type=int, default=256)
+    g.add_argument("--epochs", type=int, default=1, help="training epochs (default %(default)s)")
+    g.add_argument("--batch-size", type=int, default=256, help="images per batch (default %(default)s)")
     if aug is not None:
         g.add_argument(
             "--aug", default=aug, help="a DA name (see daqkd rank --help)" + (", or 'auto'" if aug == "auto" else "")
         )
-    g.add_argument("--optimizer", default=optimizer, choices=("sgd", "adam"))
-    g.add_argument("--lr", type=float, default=lr)
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=1e-4)
-    g.add_argument("--warmup-epochs", type=float, default=0.0)
+    g.add_argument("--optimizer", default=optimizer, choices=("sgd", "adam"),
+                   help="for the model's weights (default %(default)s)")
+    g.add_argument("--lr", type=float, default=lr, help="peak learning rate, cosine to 0 (default %(default)s)")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default %(default)s)")
+    g.add_argument("--weight-decay", type=float, default=1e-4, help="on the model's weights (default %(default)s)")
+    g.add_argument("--warmup-epochs", type=float, default=0.0, help="linear LR warmup (default %(default)s)")
     g.add_argument("--no-amp", action="store_true",
                    help="train in float32 on CUDA (default: bf16 autocast; quantizers and evaluation are float32)")
     g.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps")
@@ -62,4 +63,4 @@ def add_optim_args(parser: argparse.ArgumentParser, *, lr: float, optimizer: str
                         "--limit-per-class limits both)")
     g.add_argument("--out", required=True, metavar="RUN", help="run directory")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")

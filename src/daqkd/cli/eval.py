@@ -27,5 +27,5 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"model size {size['bytes'] / 1e6:.3f} MB at its bit widths vs {size['fp32_bytes'] / 1e6:.3f} MB FP32 "
           f"({size['compression']:.1f}x)")
     for name, acc in metrics["per_class_top1"].items():
-        print(f"  {name:<20} {acc:6.2f}%")
+        print(f"  {name:<20} {acc:6.2f}%" if acc is not None else f"  {name:<20}    n/a (no test images)")
     return 0

@@ -48,7 +48,7 @@ def add_parser(subparsers: Any) -> None:
     r.add_argument("--mix-group", type=int, default=8,
                    help="CutMix candidates draw one box and lambda per this many images (default %(default)s; "
                         "0: one per batch, as in training)")
-    r.add_argument("--batch-size", type=int, default=256)
+    r.add_argument("--batch-size", type=int, default=256, help="images per batch (default %(default)s)")
     r.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
                    help=f"torch.compile the teacher (auto: on above {COMPILE_AUTO_MIN_IMAGES:,} forwards)")
     r.add_argument("--out", metavar="FILE", help="write the report as JSON")

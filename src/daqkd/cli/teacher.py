@@ -26,7 +26,8 @@ def add_parser(subparsers: Any) -> None:
     )
     t.add_argument("--normalize", help="input statistics: " + ", ".join(NAMED_NORMALIZATIONS) + " or m1,m2,m3:s1,s2,s3 "
                    "(default: from a daqkd --init, else the data's own)")
-    t.add_argument("--label-smoothing", type=float, default=0.0)
+    t.add_argument("--label-smoothing", type=float, default=0.0,
+                   help="epsilon of the CE term's label smoothing (default %(default)s)")
     add_optim_args(t, lr=DEFAULTS.lr, optimizer=DEFAULTS.optimizer, aug=DEFAULTS.aug)
     t.set_defaults(func=cmd_teacher)
 

@@ -38,23 +38,24 @@ def add_student_args(s: argparse.ArgumentParser) -> None:
         + " or m1,m2,m3:s1,s2,s3); the student uses the teacher's",
     )
     s.add_argument("--init", metavar="RUN|FILE", help="student weights when the architectures differ")
-    s.add_argument("--method", default="ewgs", choices=sorted(QUANTIZERS))
-    s.add_argument("--w-bits", type=int, default=2)
-    s.add_argument("--a-bits", type=int, default=2)
-    s.add_argument("--per-channel", action="store_true")
+    s.add_argument("--method", default="ewgs", choices=sorted(QUANTIZERS), help="QAT method (default %(default)s)")
+    s.add_argument("--w-bits", type=int, default=2, help="weight bits, 1-8 or 32 (default %(default)s)")
+    s.add_argument("--a-bits", type=int, default=2, help="activation bits, 1-8 or 32 (default %(default)s)")
+    s.add_argument("--per-channel", action="store_true", help="one weight scale or interval per output channel")
     s.add_argument("--first-last", default="fp", help="fp, same, or a bit width (e.g. 8)")
     s.add_argument("--ewgs-delta", default="0", help="a fixed delta, or 'hessian'")
-    s.add_argument("--kd", default="kd", choices=sorted(LOSSES))
+    s.add_argument("--kd", default="kd", choices=sorted(LOSSES), help="distillation loss (default %(default)s)")
     s.add_argument("--gamma", type=float, default=1.0, help="CE weight")
     s.add_argument("--alpha", type=float, default=2.0, help="KD weight")
-    s.add_argument("--temperature", type=float, default=4.0)
+    s.add_argument("--temperature", type=float, default=4.0, help="KD temperature (default %(default)s)")
     s.add_argument("--beta", type=float,
                    help="weight of a feature KD term (--kd at: default 1000, sp: 3000, as in RepDistiller)")
     s.add_argument("--kd-layers", metavar="NAMES",
                    help="comma-separated module names a feature KD loss compares (default: at every residual "
                         "stage, sp the last; e.g. layer1,layer2,layer3)")
     s.add_argument("--augs", default="all", help="candidates for --aug auto")
-    s.add_argument("--quant-lr", type=float, default=1e-5)
+    s.add_argument("--quant-lr", type=float, default=1e-5,
+                   help="learning rate of the quantizers' parameters (default %(default)s)")
 
 
 def cmd_train(args: argparse.Namespace) -> int:

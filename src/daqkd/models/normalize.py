@@ -7,6 +7,7 @@ the model's device, in one batched op.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -53,10 +54,10 @@ def parse_normalization(spec: str) -> Normalization:
         std = tuple(float(v) for v in std_text.split(","))
     except ValueError:
         mean, std = (), ()
-    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+    if len(mean) != 3 or len(std) != 3 or not all(math.isfinite(v) for v in mean + std) or min(std) <= 0:
         raise DaqkdError(
             f"bad --normalize {spec!r}: use {', '.join(NAMED_NORMALIZATIONS)} or "
-            "m1,m2,m3:s1,s2,s3 with three means and three positive stds of [0, 1] images"
+            "m1,m2,m3:s1,s2,s3 with three finite means and three positive finite stds of [0, 1] images"
         )
     return Normalization(mean, std)  # type: ignore[arg-type]
 

@@ -57,7 +57,7 @@ class QuantConfig:
         if self.ewgs_init not in ("paper", "mse"):
             raise DaqkdError(f"unknown EWGS initialization {self.ewgs_init!r}: use paper or mse")
         if self.ewgs_delta is not None and self.ewgs_delta < 0:
-            raise DaqkdError(f"ewgs_delta must be >= 0 (or None for the Hessian estimate), got {self.ewgs_delta}")
+            raise DaqkdError(f"--ewgs-delta must be >= 0 (or 'hessian'), got {self.ewgs_delta}")
 
 
 def check_bits(name: str, bits: object) -> int:
