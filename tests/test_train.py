@@ -478,3 +478,58 @@ def test_integer_or_nan_weights_and_empty_test_classes(tmp_path: Path, tiny_fold
                  str(partial), "--out", str(tmp_path / "e.json")]) == 0
     assert "class_1                 n/a (no test images)" in capsys.readouterr().out
     assert json.loads((tmp_path / "e.json").read_text())["per_class_top1"]["class_1"] is None
+
+
+def test_output_paths_are_checked_before_the_work(tmp_path: Path, tiny_folder: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "t"
+    assert main(["teacher", "--data", str(tiny_folder), "--arch", "resnet20", "--epochs", "1", "--batch-size", "12",
+                 "--out", str(run), "--no-progress"]) == 0
+    (tmp_path / "file").write_text("x")
+    capsys.readouterr()
+    cases = [
+        (["rank", "--weights", str(run), "--augs", "none", "--out", str(tmp_path)], "is a directory: pass a file"),
+        (["eval", str(run), "--out", str(tmp_path / "file" / "e.json")], "lies below"),
+        (["teacher", "--arch", "resnet20", "--out", str(tmp_path / "file")], "is a file: pass a directory"),
+        (["train", "--teacher", str(run), "--out", str(tmp_path / "file" / "s")], "lies below"),
+        (["sweep", "--teacher", str(run), "--augs", "none", "--out", str(tmp_path / "file")], "is a file"),
+    ]
+    for args, message in cases:
+        assert main([*args, "--data", str(tiny_folder)]) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    assert not list(tmp_path.glob("**/*.tmp"))
+
+
+def test_a_full_disk_mid_run_keeps_the_last_checkpoint(tmp_path: Path, tiny_folder: Path,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    import errno
+
+    import daqkd.checkpoint
+
+    real_save = daqkd.checkpoint.save_file
+    calls = []
+
+    def disk_fills_up(state, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 3:  # epoch 2's last.safetensors
+            with open(path, "wb") as f:
+                f.write(b"\x00" * 10)  # part of the file made it
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        return real_save(state, path, metadata=metadata)
+
+    monkeypatch.setattr(daqkd.checkpoint, "save_file", disk_fills_up)
+    run = tmp_path / "t"
+    args = ["teacher", "--data", str(tiny_folder), "--arch", "resnet20", "--epochs", "2", "--batch-size", "12",
+            "--out", str(run), "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0] and "--resume" in err[0], err
+    assert not list(run.glob("*.tmp"))  # the partial file is gone
+    from daqkd.loading import load_model
+
+    assert load_model(run / "last.safetensors")[1]["epoch"] == 1  # the last good checkpoint stays
+    monkeypatch.setattr(daqkd.checkpoint, "save_file", real_save)
+    assert main(["teacher", "--resume", "--out", str(run), "--no-progress"]) == 0
+    assert load_model(run / "last.safetensors")[1]["epoch"] == 2

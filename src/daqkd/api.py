@@ -45,7 +45,7 @@ from .rank import (
     rank_candidates,
     variance_passes,
 )
-from .rundir import CONFIG_FILE, RANK_FILE, STATE_FILE, write_json_atomic
+from .rundir import CONFIG_FILE, RANK_FILE, STATE_FILE, check_output, write_json_atomic
 from .runtime import init_distributed, is_main_process, select_device
 from .train import TrainConfig, Trainer
 from .train import evaluate as evaluate_model
@@ -258,6 +258,7 @@ def prepare_run(options: Options) -> tuple[Options, Path]:
     options stored in RUN/config.json (except RESUME_KEEPS)."""
     if options.out is None:
         raise DaqkdError("pass --out RUN (the run directory)")
+    check_output(options.out, "directory")
     run = Path(options.out)
     config_file = run / CONFIG_FILE
     if options.resume:
@@ -402,6 +403,8 @@ def rank_augmentations(options: RankOptions, progress: Any = None, *, custom: Se
             raise DaqkdError(f"{name} must be at least {low}, got {value}")
     if options.weights is None:
         raise DaqkdError("pass --weights (the teacher's checkpoint)")
+    if options.out:
+        check_output(options.out, "file")
     init_distributed()
     device = select_device(options.device)
     torch.manual_seed(options.seed)
@@ -443,6 +446,8 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
         raise DaqkdError("pass --data DIR|FILE.npz (or --dataset) with the test images")
     if options.run is None:
         raise DaqkdError("pass the run directory or checkpoint to evaluate")
+    if options.out:
+        check_output(options.out, "file")
     test = options.load(options.split)
     model, meta = load_model(options.run, arch=options.arch, normalize=options.normalize,
                              num_classes=test.num_classes, classes=test.classes)

@@ -56,6 +56,26 @@ def _umask() -> int:
     return mask
 
 
+def check_output(path: str | Path, kind: str, option: str = "--out") -> None:
+    """Before any work: ``path`` can become a ``kind`` ("file" or "directory") we may write.
+
+    Refuses an existing path of the other kind, a path below a file, and a place without write
+    permission, each with one DaqkdError naming the option.
+    """
+    path = Path(path)
+    if kind == "file" and path.is_dir():
+        raise DaqkdError(f"{option} {path} is a directory: pass a file name (e.g. {path / 'report.json'})")
+    if kind == "directory" and path.exists() and not path.is_dir():
+        raise DaqkdError(f"{option} {path} is a file: pass a directory for the run")
+    parent = path if kind == "directory" and path.is_dir() else path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise DaqkdError(f"{option} {path} lies below {parent}, which is a file: pass a path in a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DaqkdError(f"{option} {path}: {parent} is not writable (read-only or no permission): pass another path")
+
+
 def remove_partial_files(run: str | Path) -> list[Path]:
     """Delete the temporary files a kill during a write leaves in RUN (``NAME.*.tmp`` and the older
     ``NAME.tmp``/``NAMEXXXX.tmp`` forms); returns what was removed."""

@@ -30,7 +30,16 @@ from .augment import parse_candidates
 from .data import ImageSet
 from .errors import DaqkdError
 from .rank import rank_and_save
-from .rundir import RANK_FILE, STATE_FILE, TRAIN_LOG, finished_run, stored_ranking, write_json_atomic, write_text_atomic
+from .rundir import (
+    RANK_FILE,
+    STATE_FILE,
+    TRAIN_LOG,
+    check_output,
+    finished_run,
+    stored_ranking,
+    write_json_atomic,
+    write_text_atomic,
+)
 from .runtime import init_distributed, is_main_process, select_device
 from .sweep import _pct, analyze, report_markdown, scatter_plot
 
@@ -240,6 +249,8 @@ def run_sweep(args: SweepOptions) -> dict[str, Any]:
         raise DaqkdError("pass --out DIR (the sweep's directory)")
     if args.teacher is None:
         raise DaqkdError("pass --teacher RUN (the teacher's run directory or checkpoint)")
+    check_output(args.out, "directory")
+    StudentOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(StudentOptions)}).quant_config()
     if args.seeds < 1:
         raise DaqkdError(f"--seeds must be at least 1, got {args.seeds}")
     if args.jobs < 1:

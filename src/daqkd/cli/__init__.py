@@ -56,13 +56,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DaqkdError as exc:
         print(f"daqkd: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"\ndaqkd: {interrupted_message(args)}", file=sys.stderr)
-        return 130
     except BrokenPipeError:  # `daqkd eval ... | head`: the reader left; say nothing more
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
+    except OSError as exc:  # a full disk, a file system gone read-only, a vanished directory
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"daqkd: error: {exc.strerror or exc}{where}: the files written before stay valid (writes are "
+              "atomic); fix the cause and rerun (training runs: --resume)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ndaqkd: {interrupted_message(args)}", file=sys.stderr)
+        return 130
     finally:
         warnings.showwarning = previous
 
