@@ -533,3 +533,23 @@ def test_a_full_disk_mid_run_keeps_the_last_checkpoint(tmp_path: Path, tiny_fold
     monkeypatch.setattr(daqkd.checkpoint, "save_file", real_save)
     assert main(["teacher", "--resume", "--out", str(run), "--no-progress"]) == 0
     assert load_model(run / "last.safetensors")[1]["epoch"] == 2
+
+
+def test_resume_rejects_changed_options_and_the_wrong_command(tmp_path: Path, tiny_folder: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "t"
+    assert main(["teacher", "--data", str(tiny_folder), "--arch", "resnet20", "--epochs", "1", "--batch-size", "12",
+                 "--out", str(run), "--no-progress"]) == 0
+    config = (run / "config.json").read_text()
+    capsys.readouterr()
+    for args, message in (
+        (["teacher", "--resume", "--out", str(run), "--epochs", "5", "--lr", "0.5"],
+         "--epochs 5 (stored 1), --lr 0.5 (stored 0.1) would change the run: drop them"),
+        (["train", "--resume", "--out", str(run)], "is a `daqkd teacher` run: resume it with daqkd teacher --resume"),
+    ):
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    assert (run / "config.json").read_text() == config  # nothing on disk changed
+    # options that may change on a resume do
+    assert main(["teacher", "--resume", "--out", str(run), "--eval-every", "3", "--no-progress"]) == 0

@@ -249,13 +249,14 @@ def data_statistics(data: ImageSet) -> Normalization:
     return Normalization(tuple(mean.tolist()), tuple(std.tolist()))  # type: ignore[arg-type]
 
 
-# Options a resumed run keeps from the command that resumes it (everything else comes from config.json).
-RESUME_KEEPS = ("resume", "out", "no_progress", "device")
+# Options a resumed run takes from the command that resumes it; every other option comes from
+# RUN/config.json, and giving it another value with --resume is an error naming it.
+RESUME_KEEPS = ("resume", "out", "no_progress", "device", "save_every", "eval_every")
 
 
-def prepare_run(options: Options) -> tuple[Options, Path]:
+def prepare_run(options: Options, command: str) -> tuple[Options, Path]:
     """The options a run uses and its directory, checked, nothing written: with ``resume``, the
-    options stored in RUN/config.json (except RESUME_KEEPS)."""
+    options stored in RUN/config.json, except RESUME_KEEPS, which the resuming command may change."""
     if options.out is None:
         raise DaqkdError("pass --out RUN (the run directory)")
     check_output(options.out, "directory")
@@ -264,8 +265,23 @@ def prepare_run(options: Options) -> tuple[Options, Path]:
     if options.resume:
         if not config_file.is_file():
             raise DaqkdError(f"--resume: {run} has no config.json: pass the directory of an earlier run")
-        stored = json.loads(config_file.read_text())["args"]
+        try:
+            saved = json.loads(config_file.read_text())
+            stored, stored_command = saved["args"], saved.get("command", command)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DaqkdError(f"--resume: {config_file} is damaged ({exc}): the run cannot be resumed") from exc
+        if stored_command != command:
+            raise DaqkdError(f"{run} is a `daqkd {stored_command}` run: resume it with daqkd {stored_command} "
+                             f"--resume --out {run}")
+        defaults = type(options)()
         names = {f.name for f in fields(options)}
+        changed = [name for name in sorted(names - set(RESUME_KEEPS)) if name in stored
+                   and getattr(options, name) != getattr(defaults, name) and getattr(options, name) != stored[name]]
+        if changed:
+            listed = ", ".join(f"--{n.replace('_', '-')} {getattr(options, n)!r} (stored {stored[n]!r})"
+                               for n in changed)
+            raise DaqkdError(f"--resume continues {run} with its stored options; {listed} would change the run: drop "
+                             f"{'it' if len(changed) == 1 else 'them'}, or start a new run in another --out")
         options = replace(options, **{k: v for k, v in stored.items() if k in names and k not in RESUME_KEEPS})
     elif (run / STATE_FILE).exists():
         raise DaqkdError(f"{run} already holds a run: pass --resume to continue it, or another --out")
@@ -286,7 +302,7 @@ def train_run(options: TrainOptions, command: str, data: tuple[ImageSet, ImageSe
     write RUN/config.json (a failed command leaves no half-made run); train (resuming if asked) and
     return the Trainer."""
     init_distributed()
-    options, run = prepare_run(options)
+    options, run = prepare_run(options, command)
     config = options.train_config(options.aug or "none")  # checks epochs, batch size, eval_every
     device = select_device(options.device)
     torch.manual_seed(options.seed)
