@@ -553,3 +553,53 @@ def test_resume_rejects_changed_options_and_the_wrong_command(tmp_path: Path, ti
     assert (run / "config.json").read_text() == config  # nothing on disk changed
     # options that may change on a resume do
     assert main(["teacher", "--resume", "--out", str(run), "--eval-every", "3", "--no-progress"]) == 0
+
+
+@pytest.mark.parametrize("point", ["before the log line", "after the log line", "after last.safetensors",
+                                   "after model.safetensors", "after state.pt"])
+def test_a_kill_around_any_write_resumes_to_the_uninterrupted_run(point: str, tmp_path: Path, tiny_folder: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import daqkd.train as train_module
+
+    whole = small_trainer(tiny_folder, tmp_path / "whole", epochs=2, quantized=True)
+    whole.fit()
+
+    class Killed(BaseException):
+        pass
+
+    events: list[str] = []
+    real_append, real_save, real_state = train_module.append_history, train_module.save_checkpoint, Trainer.save_state
+
+    def check(event: str) -> None:
+        events.append(event)
+        if events.count(event) == 2 and event == point:  # epoch 2
+            raise Killed
+
+    def append(run, record):
+        check("before the log line")
+        real_append(run, record)
+        check("after the log line")
+
+    def save(path, model, meta):
+        real_save(path, model, meta)
+        check(f"after {Path(path).name}")
+
+    def save_state(self):
+        real_state(self)
+        check("after state.pt")
+
+    monkeypatch.setattr(train_module, "append_history", append)
+    monkeypatch.setattr(train_module, "save_checkpoint", save)
+    monkeypatch.setattr(Trainer, "save_state", save_state)
+    killed = small_trainer(tiny_folder, tmp_path / "killed", epochs=2, quantized=True)
+    # fixed data and seed: epoch 2 is the best, so model.safetensors is written then too
+    assert whole.history[1]["test_top1"] > whole.history[0]["test_top1"]
+    with pytest.raises(Killed):
+        killed.fit()
+    monkeypatch.undo()
+    again = small_trainer(tiny_folder, tmp_path / "killed", epochs=2, quantized=True)
+    again.resume()
+    again.fit()
+    expected = whole.model.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in again.model.state_dict().items())
+    assert _log(tmp_path / "killed") == _log(tmp_path / "whole")

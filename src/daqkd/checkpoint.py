@@ -51,8 +51,10 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DaqkdError(
-            f"cannot read {path} as a weights-only PyTorch checkpoint ({first[:200]}): "
-            "pass a state dict saved with torch.save, or a .safetensors file"
+            f"cannot read {path} as a weights-only PyTorch checkpoint ({first[:120]}): it is damaged, not a "
+            "PyTorch file, or holds pickled Python objects, which daqkd never unpickles (they could run code); if "
+            "you trust its source, re-save it as a plain state dict (torch.save(model.state_dict(), path)) or as "
+            ".safetensors"
         ) from exc
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
