@@ -603,3 +603,34 @@ def test_a_kill_around_any_write_resumes_to_the_uninterrupted_run(point: str, tm
     expected = whole.model.state_dict()
     assert all(torch.equal(v, expected[k]) for k, v in again.model.state_dict().items())
     assert _log(tmp_path / "killed") == _log(tmp_path / "whole")
+
+
+def test_ctrl_c_in_rank_and_sweep_and_early_sweep_checks(tmp_path: Path, tiny_folder: Path,
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    import daqkd.api
+    import daqkd.sweep_runner
+
+    run = tmp_path / "t"
+    assert main(["teacher", "--data", str(tiny_folder), "--arch", "resnet20", "--epochs", "1", "--batch-size", "12",
+                 "--out", str(run), "--no-progress"]) == 0
+    capsys.readouterr()
+    # a sweep checks the students' options before its ranking pass, and writes nothing
+    assert main(["sweep", "--data", str(tiny_folder), "--teacher", str(run), "--augs", "none", "--w-bits", "9",
+                 "--out", str(tmp_path / "sw")]) == 2
+    assert "--w-bits must be" in capsys.readouterr().err and not (tmp_path / "sw").exists()
+    assert main(["train", "--data", str(tiny_folder), "--teacher", str(run), "--ewgs-delta", "-1",
+                 "--out", str(tmp_path / "s")]) == 2
+    assert "--ewgs-delta must be >= 0" in capsys.readouterr().err
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(daqkd.api, "rank_candidates", interrupt)
+    assert main(["rank", "--data", str(tiny_folder), "--weights", str(run), "--augs", "none", "--no-progress"]) == 130
+    assert capsys.readouterr().err.strip().splitlines() == ["daqkd: interrupted: nothing was written"]
+    monkeypatch.setattr(daqkd.sweep_runner, "rank_and_save", interrupt)
+    assert main(["sweep", "--data", str(tiny_folder), "--teacher", str(run), "--augs", "none", "--batch-size", "12",
+                 "--out", str(tmp_path / "sw"), "--no-progress"]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "keeps every finished student" in err[0] and "run the same command again" in err[0]
