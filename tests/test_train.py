@@ -555,9 +555,11 @@ def test_resume_rejects_changed_options_and_the_wrong_command(tmp_path: Path, ti
     assert main(["teacher", "--resume", "--out", str(run), "--eval-every", "3", "--no-progress"]) == 0
 
 
+@pytest.mark.parametrize("epoch", [1, 2])
 @pytest.mark.parametrize("point", ["before the log line", "after the log line", "after last.safetensors",
                                    "after model.safetensors", "after state.pt"])
-def test_a_kill_around_any_write_resumes_to_the_uninterrupted_run(point: str, tmp_path: Path, tiny_folder: Path,
+def test_a_kill_around_any_write_resumes_to_the_uninterrupted_run(point: str, epoch: int, tmp_path: Path,
+                                                                  tiny_folder: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     import daqkd.train as train_module
 
@@ -572,7 +574,7 @@ def test_a_kill_around_any_write_resumes_to_the_uninterrupted_run(point: str, tm
 
     def check(event: str) -> None:
         events.append(event)
-        if events.count(event) == 2 and event == point:  # epoch 2
+        if events.count(event) == epoch and event == point:  # in epoch 1 before any state.pt exists
             raise Killed
 
     def append(run, record):
@@ -592,7 +594,7 @@ def test_a_kill_around_any_write_resumes_to_the_uninterrupted_run(point: str, tm
     monkeypatch.setattr(train_module, "save_checkpoint", save)
     monkeypatch.setattr(Trainer, "save_state", save_state)
     killed = small_trainer(tiny_folder, tmp_path / "killed", epochs=2, quantized=True)
-    # fixed data and seed: epoch 2 is the best, so model.safetensors is written then too
+    # fixed data and seed: epoch 2 is the best, so model.safetensors is written in both epochs
     assert whole.history[1]["test_top1"] > whole.history[0]["test_top1"]
     with pytest.raises(Killed):
         killed.fit()
@@ -634,3 +636,51 @@ def test_ctrl_c_in_rank_and_sweep_and_early_sweep_checks(tmp_path: Path, tiny_fo
                  "--out", str(tmp_path / "sw"), "--no-progress"]) == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "keeps every finished student" in err[0] and "run the same command again" in err[0]
+
+
+def test_a_real_full_disk_ends_in_one_line(tmp_path: Path, tiny_folder: Path) -> None:
+    """safetensors and torch.save report a failed write with their own exception types: with the
+    file size limited by the kernel (RLIMIT_FSIZE), the run still ends in one error line."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "t"
+    script = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))\n"
+        "from daqkd.cli import main\n"
+        f"sys.exit(main(['teacher', '--data', {str(tiny_folder)!r}, '--arch', 'resnet20', '--epochs', '1', "
+        f"'--batch-size', '12', '--out', {str(run)!r}, '--no-progress']))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False)
+    err = [line for line in proc.stderr.strip().splitlines() if not line.startswith("W1")]
+    assert proc.returncode == 2 and len(err) == 1, proc.stderr
+    assert err[0].startswith("daqkd: error: could not write") and "--resume" in err[0]
+    assert not list(run.glob("*.tmp"))
+    assert main(["teacher", "--resume", "--out", str(run), "--no-progress"]) == 0
+
+
+def test_feature_kd_without_usable_layers_is_one_line(tmp_path: Path, tiny_folder: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    teacher = tmp_path / "vgg"
+    data = ["--data", str(tiny_folder), "--batch-size", "12", "--no-progress"]
+    assert main(["teacher", *data, "--arch", "vgg8", "--epochs", "1", "--out", str(teacher)]) == 0
+    capsys.readouterr()
+    for extra, message in ((["--kd", "at"], "has no residual stages"), (["--kd", "sp"], "pass --kd-layers")):
+        assert main(["train", *data, "--teacher", str(teacher), *extra, "--aug", "none", "--epochs", "1",
+                     "--out", str(tmp_path / "s")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+        assert not (tmp_path / "s").exists()
+    assert main(["train", *data, "--teacher", str(teacher), "--train-limit-per-class", "0", "--out",
+                 str(tmp_path / "s")]) == 2
+    assert "--limit-per-class must be at least 1" in capsys.readouterr().err
+
+
+def test_attention_transfer_needs_equal_spatial_sizes() -> None:
+    from daqkd.distill import DistillConfig
+
+    features = {"student": {"x": torch.ones(2, 4, 8, 8)}, "teacher": {"x": torch.ones(2, 4, 4, 4)}}
+    with pytest.raises(DaqkdError, match=r"x is \(8, 8\) in the student but \(4, 4\) in the teacher"):
+        create_loss("at", DistillConfig())(torch.zeros(2, 3), None, torch.tensor([0, 1]), features)

@@ -32,7 +32,7 @@ from .augment import parse_candidates
 from .augment.custom import PerImageDA
 from .checkpoint import read_checkpoint, resolve_checkpoint
 from .data import ImageSet, image_set_from_dataset, load_data
-from .distill import DistillConfig, create_loss
+from .distill import DistillConfig, DistillTask, create_loss
 from .errors import DaqkdError
 from .loading import load_model, load_state_dict_strict, model_size_bytes
 from .models import Normalization, NormalizedModel, create_model, parse_normalization
@@ -45,7 +45,7 @@ from .rank import (
     rank_candidates,
     variance_passes,
 )
-from .rundir import CONFIG_FILE, RANK_FILE, STATE_FILE, check_output, write_json_atomic
+from .rundir import CONFIG_FILE, METRICS_FILE, RANK_FILE, STATE_FILE, check_output, write_json_atomic
 from .runtime import init_distributed, is_main_process, select_device
 from .train import TrainConfig, Trainer
 from .train import evaluate as evaluate_model
@@ -75,7 +75,8 @@ class DataOptions:
         return cls(**{f.name: getattr(namespace, f.name) for f in fields(cls) if hasattr(namespace, f.name)})
 
     def load(self, split: str, limit_per_class: int | None = None) -> ImageSet:
-        return load_data(self.data, self.dataset, split, limit_per_class or self.limit_per_class, self.data_root)
+        limit = limit_per_class if limit_per_class is not None else self.limit_per_class
+        return load_data(self.data, self.dataset, split, limit, self.data_root)
 
 
 @dataclass
@@ -307,6 +308,9 @@ def train_run(options: TrainOptions, command: str, data: tuple[ImageSet, ImageSe
     device = select_device(options.device)
     torch.manual_seed(options.seed)
     train, test = data if data is not None else options.load_train_test()
+    if not options.resume:  # what a run killed before its first state left: this run starts over
+        for stale in (run / METRICS_FILE, run / RANK_FILE):
+            stale.unlink(missing_ok=True)
     model, loss, aug, metadata, teacher, quant_lr = build(options, train, device, run)
     config = replace(config, aug=aug, quant_lr=quant_lr)
     if not options.resume:
@@ -389,6 +393,7 @@ def _build_student(options: StudentOptions, train: ImageSet, device: torch.devic
     layers = tuple(name.strip() for name in options.kd_layers.split(",") if name.strip()) if options.kd_layers else ()
     loss = create_loss(options.kd, DistillConfig(gamma=options.gamma, alpha=options.alpha,
                                                  temperature=options.temperature, beta=options.beta, layers=layers))
+    DistillTask(loss, model, teacher).close()  # the layers a feature loss needs exist in both models
     return model, loss, aug, metadata, teacher, options.quant_lr
 
 

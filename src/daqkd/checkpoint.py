@@ -69,7 +69,17 @@ def save_checkpoint(path: str | Path, model: nn.Module, metadata: dict[str, Any]
     """Write ``model``'s state dict and metadata as safetensors, atomically."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata={METADATA_KEY: json.dumps(metadata)})
+        try:
+            save_file(state, str(tmp), metadata={METADATA_KEY: json.dumps(metadata)})
+        except (SafetensorError, RuntimeError) as exc:  # safetensors reports a full disk as its own error
+            raise write_failed(path, exc) from exc
+
+
+def write_failed(path: str | Path, exc: BaseException) -> DaqkdError:
+    """One line for a write that failed (full disk, file too large, read-only): what and what to do."""
+    cause = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+    return DaqkdError(f"could not write {path} ({cause}): the files written before stay valid; free space or fix "
+                      "the file system, then rerun (training runs: --resume)")
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

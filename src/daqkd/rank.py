@@ -204,8 +204,10 @@ def rank_candidates(model: nn.Module, data: ImageSet, config: RankConfig, device
     jackknifed = [k for k in keys if k != "variance"]
     results, leave_one_out = [], {}
     for aug in config.augs:
-        candidate = aug if not isinstance(aug, str) else Candidate(aug, data.num_classes, crop_size,
-                                                                     mix_group=config.mix_group)
+        if isinstance(aug, str):
+            candidate = Candidate(aug, data.num_classes, crop_size, mix_group=config.mix_group)
+        else:
+            candidate, candidate.crop_size = aug, crop_size
         name = candidate.name
         per_repeat: dict[str, list[float]] = {k: [] for k in keys}
         jack_var: dict[str, list[float]] = {k: [] for k in jackknifed}

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .augment import Candidate
-from .checkpoint import save_checkpoint
+from .checkpoint import save_checkpoint, write_failed
 from .data import ImageSet
 from .distill import DistillLoss, DistillTask
 from .errors import DaqkdError
@@ -238,7 +238,10 @@ class Trainer:
         if not is_main_process():
             return
         with atomic_path(self.run_dir / STATE_FILE) as tmp:
-            torch.save(self.state_dict(), tmp)
+            try:
+                torch.save(self.state_dict(), tmp)
+            except RuntimeError as exc:  # torch reports a full disk as an "enforce fail" RuntimeError
+                raise write_failed(self.run_dir / STATE_FILE, exc) from exc
 
     def resume(self) -> bool:
         """Continue from RUN/state.pt if present; True if resumed."""
@@ -246,6 +249,8 @@ class Trainer:
         if is_main_process():
             remove_partial_files(self.run_dir)
         if not path.is_file():
+            if is_main_process():
+                write_history(self.run_dir, [])  # killed before its first state: the run starts over
             return False
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -361,7 +366,8 @@ class Trainer:
                 f"the loss became {float(loss.detach())} at epoch {self.epoch + 1}, step {self.step_in_epoch + 1}; "
                 + (f"the last good state is {self.run_dir / STATE_FILE}" if (self.run_dir / STATE_FILE).is_file()
                    else "no checkpoint was written yet")
-                + ": check the data and the teacher, or lower the learning rates (--lr, --quant-lr)")
+                + ": check the data and the teacher, or start a new run (another --out) with lower learning rates "
+                "(--lr, --quant-lr)")
         for optimizer, _ in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -35,11 +35,11 @@ class PerImageDA:
             raise DaqkdError(f"a custom DA cannot be called {name!r}: that is a built-in candidate's name")
         self.name = name
         self.transform = transform
-        self._base = Candidate("none", 1, crop_size)
+        self.crop_size = crop_size  # rank_candidates sets it to the ranking's --crop-size
 
     def base_view(self, images: torch.Tensor | Sequence[torch.Tensor], generator: torch.Generator) -> torch.Tensor:
         """The built-in crop + flip view (the paired view of the variance baseline)."""
-        return self._base.base_view(images, generator)
+        return Candidate("none", 1, self.crop_size).base_view(images, generator)
 
     def __call__(self, images: torch.Tensor | Sequence[torch.Tensor], labels: torch.Tensor,
                  generator: torch.Generator, base: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -61,6 +61,8 @@ class DistillLoss(nn.Module):
     ``feature_layers(model)`` which modules' outputs it needs (none for logit losses)."""
 
     needs_teacher = True
+    uses_features = False  # feature losses: their layers must resolve in both models
+    name = ""
 
     def __init__(self, config: DistillConfig) -> None:
         super().__init__()
@@ -103,6 +105,7 @@ def register_loss(name: str) -> Callable[[type[DistillLoss]], type[DistillLoss]]
     """Class decorator: make the loss selectable as ``--kd name``."""
 
     def register(cls: type[DistillLoss]) -> type[DistillLoss]:
+        cls.name = name
         LOSSES[name] = cls
         return cls
 
@@ -118,6 +121,17 @@ def create_loss(name: str, config: DistillConfig | None = None) -> DistillLoss:
     if name not in LOSSES:
         raise DaqkdError(f"unknown --kd {name!r}: use one of {', '.join(LOSSES)}")
     return LOSSES[name](config or DistillConfig())
+
+
+def feature_pairs(features: dict[str, dict[str, torch.Tensor]], loss: str, same_size: bool):
+    """(layer name, student output, teacher output) for each hooked layer; with ``same_size``, one
+    DaqkdError when their spatial sizes differ."""
+    for name, student in features["student"].items():
+        teacher = features["teacher"][name]
+        if same_size and student.shape[2:] != teacher.shape[2:]:
+            raise DaqkdError(f"--kd {loss}: {name} is {tuple(student.shape[2:])} in the student but "
+                             f"{tuple(teacher.shape[2:])} in the teacher: pass --kd-layers with layers of equal size")
+        yield name, student, teacher
 
 
 def stage_outputs(model: nn.Module) -> tuple[str, ...]:
@@ -141,6 +155,9 @@ class DistillTask:
         self.forward_student = forward_student or student
         inner = getattr(student, "model", student)
         self.layers = tuple(loss.feature_layers(inner))
+        if loss.uses_features and not self.layers:
+            raise DaqkdError(f"--kd {loss.name} compares module outputs, and {type(inner).__name__} has no residual "
+                             "stages (layer1, layer2, ...) to default to: pass --kd-layers with module names")
         self.captured: dict[str, dict[str, torch.Tensor]] = {"student": {}, "teacher": {}}
         self.handles = []
         for role, model in (("student", student), ("teacher", teacher)):

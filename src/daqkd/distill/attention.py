@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import DistillLoss, cross_entropy, register_loss, stage_outputs
+from . import DistillLoss, cross_entropy, feature_pairs, register_loss, stage_outputs
 
 DEFAULT_BETA = 1000.0
 
@@ -27,6 +27,8 @@ def attention_map(features: torch.Tensor) -> torch.Tensor:
 
 @register_loss("at")
 class AttentionTransfer(DistillLoss):
+    uses_features = True
+
     def feature_layers(self, model: nn.Module) -> tuple[str, ...]:
         return self.config.layers or stage_outputs(model)
 
@@ -34,7 +36,7 @@ class AttentionTransfer(DistillLoss):
                 features: dict[str, dict[str, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
         assert features is not None
         ce = cross_entropy(student, targets, self.config.label_smoothing)
-        at = sum(((attention_map(features["student"][name]) - attention_map(features["teacher"][name])) ** 2).mean()
-                 for name in features["student"])
+        at = torch.stack([((attention_map(s) - attention_map(t)) ** 2).mean()
+                          for _, s, t in feature_pairs(features, "at", same_size=True)]).sum()
         beta = DEFAULT_BETA if self.config.beta is None else self.config.beta
         return {"loss": self.config.gamma * ce + beta * at, "ce": ce, "at": at}

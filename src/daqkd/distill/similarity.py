@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import DistillLoss, cross_entropy, register_loss, stage_outputs
+from . import DistillLoss, cross_entropy, feature_pairs, register_loss, stage_outputs
 
 DEFAULT_BETA = 3000.0
 
@@ -28,6 +28,8 @@ def batch_similarity(features: torch.Tensor) -> torch.Tensor:
 
 @register_loss("sp")
 class SimilarityPreserving(DistillLoss):
+    uses_features = True
+
     def feature_layers(self, model: nn.Module) -> tuple[str, ...]:
         return self.config.layers or stage_outputs(model)[-1:]
 
@@ -36,7 +38,7 @@ class SimilarityPreserving(DistillLoss):
         assert features is not None
         ce = cross_entropy(student, targets, self.config.label_smoothing)
         batch = student.shape[0]
-        sp = sum(((batch_similarity(features["student"][name]) - batch_similarity(features["teacher"][name])) ** 2
-                  ).sum() / batch**2 for name in features["student"])
+        sp = torch.stack([((batch_similarity(s) - batch_similarity(t)) ** 2).sum() / batch**2
+                          for _, s, t in feature_pairs(features, "sp", same_size=False)]).sum()
         beta = DEFAULT_BETA if self.config.beta is None else self.config.beta
         return {"loss": self.config.gamma * ce + beta * sp, "ce": ce, "sp": sp}
