@@ -173,7 +173,9 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_pat
                 next(trainer.model.parameters()).fill_(float("nan"))
 
     trainer.on_step = poison
-    with pytest.raises(DaqkdError, match=r"the loss became nan at epoch 2, step 2; .*lower the learning rate"):
+    expected = (r"the loss became nan at epoch 2, step 2; the last good state is .*state.pt: .*"
+                r"start a new run \(another --out\) with lower learning rates")
+    with pytest.raises(DaqkdError, match=expected):
         trainer.fit()
     again = small_trainer(tiny_folder, tmp_path / "run", epochs=2, quantized=False)
     assert again.resume() and again.epoch == 1
