@@ -45,7 +45,15 @@ from .rank import (
     rank_candidates,
     variance_passes,
 )
-from .rundir import CONFIG_FILE, METRICS_FILE, RANK_FILE, STATE_FILE, check_output, write_json_atomic
+from .rundir import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    RANK_FILE,
+    STATE_FILE,
+    check_output,
+    stored_ranking,
+    write_json_atomic,
+)
 from .runtime import init_distributed, is_main_process, select_device
 from .train import TrainConfig, Trainer
 from .train import evaluate as evaluate_model
@@ -194,6 +202,10 @@ class SweepOptions(StudentOptions):
     controls: str = "basic"
     report_only: bool = False
     jobs: int = 1
+
+    def student(self, **changes: Any) -> StudentOptions:
+        """The options of one of the sweep's students (its own fields as given, ``changes`` on top)."""
+        return StudentOptions(**{**{f.name: getattr(self, f.name) for f in fields(StudentOptions)}, **changes})
 
 
 @dataclass
@@ -371,11 +383,11 @@ def _build_student(options: StudentOptions, train: ImageSet, device: torch.devic
     aug = options.aug or "auto"
     if aug == "auto":
         rank_file = run / RANK_FILE
-        if rank_file.is_file():
-            aug = json.loads(rank_file.read_text())["selected"]
-        else:
-            aug = rank_and_save(teacher, train, parse_candidates(options.augs), options.seed, device, rank_file,
-                                is_main_process())["selected"]
+        candidates = parse_candidates(options.augs)
+        ranking = stored_ranking(rank_file, candidates)  # a resumed run keeps the pick it trains with
+        if ranking is None:
+            ranking = rank_and_save(teacher, train, candidates, options.seed, device, rank_file, is_main_process())
+        aug = ranking["selected"]
         if is_main_process():
             print(f"--aug auto: the metric selected {aug} (ranking in {rank_file})", flush=True)
     parse_candidates(aug)

@@ -250,7 +250,7 @@ def run_sweep(args: SweepOptions) -> dict[str, Any]:
     if args.teacher is None:
         raise DaqkdError("pass --teacher RUN (the teacher's run directory or checkpoint)")
     check_output(args.out, "directory")
-    StudentOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(StudentOptions)}).quant_config()
+    args.student().quant_config()
     if args.seeds < 1:
         raise DaqkdError(f"--seeds must be at least 1, got {args.seeds}")
     if args.jobs < 1:
@@ -301,9 +301,7 @@ def run_sweep(args: SweepOptions) -> dict[str, Any]:
             if (aug, seed) in finished:
                 continue
             run = out / "runs" / run_name(aug, seed)
-            student = {f.name: getattr(args, f.name) for f in dataclasses.fields(StudentOptions)}
-            run_args = StudentOptions(**{**student, "aug": aug, "seed": seed, "out": str(run),
-                                         "resume": (run / STATE_FILE).is_file()})
+            run_args = args.student(aug=aug, seed=seed, out=str(run), resume=(run / STATE_FILE).is_file())
             if not run_args.resume and run.exists():
                 shutil.rmtree(run)  # a partial run without its resume state: start it afresh
             pending.append(run_args)
