@@ -67,6 +67,35 @@ def check_bits(name: str, bits: object) -> int:
     return bits
 
 
+@dataclass
+class Grid:
+    """The integer grid a quantizer rounds to, in the form ONNX's QDQ operators compute (export).
+
+    Output y = out_shift + out_scale * q with q an integer in [qmin, qmax]:
+    activations: q = clamp(round((x - shift) / scale), qmin, qmax), or q = [x >= 0] when ``binary``
+    (sign quantizers, whose zero goes up); weights: q is read back from the fake-quantized weight.
+    scale, shift: 0-d (activations); out_scale, out_shift: 0-d or (C,) per output channel (weights).
+    ``shift``/``out_shift`` None mean 0 (no op in the graph).
+    """
+
+    qmin: int
+    qmax: int
+    out_scale: torch.Tensor
+    out_shift: torch.Tensor | None = None
+    scale: torch.Tensor | None = None
+    shift: torch.Tensor | None = None
+    binary: bool = False
+
+
+def range_grid(low: torch.Tensor | float, high: torch.Tensor | float, bits: int) -> Grid:
+    """The grid of ``functional.clip_quantize``: 2^bits levels from low to high (low 0: no shift)."""
+    low = torch.as_tensor(low, dtype=torch.float32).detach()
+    high = torch.as_tensor(high, dtype=torch.float32).detach()
+    step = (high - low) / ((1 << bits) - 1)
+    shift = low if bool(low != 0) else None
+    return Grid(0, (1 << bits) - 1, out_scale=step, out_shift=shift, scale=step, shift=shift)
+
+
 class Quantizer(nn.Module):
     """Fake-quantizes a tensor to ``bits`` bits. Subclasses implement ``quantize`` and may override
     ``initialize`` (called once, on the first tensor seen). ``signed`` is settled at initialization
@@ -135,6 +164,11 @@ class Quantizer(nn.Module):
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def grid(self, weight: torch.Tensor | None = None) -> Grid:
+        """The grid of the trained quantizer in eval mode (ONNX export, daqkd.export); ``weight``: the
+        layer's FP weight for weight quantizers whose grid depends on it (DoReFa's, STE's)."""
+        raise DaqkdError(f"the {type(self).__name__} quantizer cannot be exported: it does not declare its grid")
 
     def param_shape(self, x: torch.Tensor) -> tuple[int, ...]:
         """(C, 1, 1, ...) for per-channel weight parameters, () otherwise."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import QuantConfig, Quantizer, register_quantizer
+from .base import Grid, QuantConfig, Quantizer, range_grid, register_quantizer
 from .functional import clip_quantize, quantize_unit, sign_ste
 
 
@@ -34,8 +34,30 @@ def binary_weight(w: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     return sign_ste(w) * w.abs().mean(dim=dims, keepdim=True).detach()
 
 
+def unit_weight_grid(bits: int, scale: torch.Tensor | float) -> Grid:
+    """The grid of scale (2 quantize_k(.) - 1): codes 0..2^k - 1."""
+    scale = torch.as_tensor(scale, dtype=torch.float32).detach()
+    top = (1 << bits) - 1
+    return Grid(0, top, out_scale=2 * scale / top, out_shift=-scale)
+
+
+def binary_weight_grid(w: torch.Tensor, dims: tuple[int, ...]) -> Grid:
+    """The grid of :func:`binary_weight`: codes 0, 1 for -mean|w|, +mean|w| (per channel if dims
+    leave one)."""
+    mean = w.detach().abs().mean(dim=dims)
+    return Grid(0, 1, out_scale=2 * mean, out_shift=-mean)
+
+
 class DoReFaQuantizer(Quantizer):
     """DoReFa weights (tanh-normalized) or activations (clipped to [0, 1])."""
+
+    def grid(self, weight: torch.Tensor | None = None) -> Grid:
+        if not self.is_weight:
+            return range_grid(-1.0 if self.is_signed else 0.0, 1.0, self.bits)
+        if self.bits == 1:
+            assert weight is not None, "DoReFa's binary weight grid depends on the weight"
+            return binary_weight_grid(weight, self.reduce_dims(weight))
+        return unit_weight_grid(self.bits, 1.0)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         if not self.is_weight:
@@ -59,6 +81,16 @@ class UniformSTEQuantizer(Quantizer):
     def initialize(self, x: torch.Tensor) -> None:
         if not self.is_weight:
             self.act_range.fill_(float(x.abs().max().clamp_min(1e-8)))
+
+    def grid(self, weight: torch.Tensor | None = None) -> Grid:
+        if not self.is_weight:
+            top = self.act_range.detach()
+            return range_grid(-top if self.is_signed else 0.0, top, self.bits)
+        assert weight is not None, "the STE weight grid depends on the weight"
+        dims = self.reduce_dims(weight)
+        if self.bits == 1:
+            return binary_weight_grid(weight, dims)
+        return unit_weight_grid(self.bits, weight.detach().abs().amax(dim=dims).clamp_min(1e-12))
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         if not self.is_weight:

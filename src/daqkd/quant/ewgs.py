@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
-from .base import QuantConfig, Quantizer, register_quantizer
+from .base import Grid, QuantConfig, Quantizer, register_quantizer
 from .functional import mse_clip, pass_between
 
 
@@ -146,6 +146,19 @@ class EWGSQuantizer(Quantizer):
         if self.is_signed:
             return lower + (upper - lower) * q
         return q
+
+    def grid(self, weight: torch.Tensor | None = None) -> Grid:
+        """Codes 0..2^b - 1: weights (2 q / top - 1) |alpha| (one alpha per layer even with per-channel
+        intervals), signed inputs l + (u - l) q / top, others q / top after the shift by l."""
+        top = (1 << self.bits) - 1
+        if self.is_weight:
+            alpha = self.output_scale.detach().abs()
+            return Grid(0, top, out_scale=2 * alpha / top, out_shift=-alpha)
+        lower = self.lower.detach()
+        step = (self.upper.detach() - lower) / top
+        if self.is_signed:
+            return Grid(0, top, out_scale=step, out_shift=lower, scale=step, shift=lower)
+        return Grid(0, top, out_scale=torch.tensor(1.0 / top), scale=step, shift=lower)
 
     def calibrate_output(self, fp_out: torch.Tensor, quant_out: torch.Tensor) -> None:
         """alpha = mean|FP output| / mean|quantized output| on the first batch."""

@@ -18,7 +18,7 @@ import math
 import torch
 from torch import nn
 
-from .base import QuantConfig, Quantizer, register_quantizer
+from .base import Grid, QuantConfig, Quantizer, register_quantizer
 from .functional import pass_between
 
 
@@ -73,6 +73,14 @@ class LSQQuantizer(Quantizer):
         q_p = 1 if self._binary() else self.bounds()[1]
         mean_abs = x.abs().mean(dim=self.reduce_dims(x), keepdim=True)
         self.step.data = (2 * mean_abs / math.sqrt(q_p)).reshape(self.step.shape).clamp_min(1e-8)
+
+    def grid(self, weight: torch.Tensor | None = None) -> Grid:
+        """Codes -Q_N..Q_P times the step; binary: codes 0, 1 for -s, +s."""
+        step = self.step.detach()
+        if self._binary():
+            return Grid(0, 1, out_scale=2 * step, out_shift=-step, scale=step, binary=True)
+        q_n, q_p = self.bounds()
+        return Grid(-q_n, q_p, out_scale=step, scale=step)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         q_n, q_p = self.bounds()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import QuantConfig, Quantizer, register_quantizer
+from .base import Grid, QuantConfig, Quantizer, range_grid, register_quantizer
 from .dorefa import DoReFaQuantizer
 from .functional import clip_quantize
 
@@ -27,6 +27,10 @@ class PACTActivationQuantizer(Quantizer):
     def __init__(self, bits: int, alpha: float = 10.0) -> None:
         super().__init__(bits, is_weight=False)
         self.alpha = nn.Parameter(torch.tensor(float(alpha)))
+
+    def grid(self, weight: torch.Tensor | None = None) -> Grid:
+        alpha = self.alpha.detach()
+        return range_grid(-alpha if self.is_signed else 0.0, alpha, self.bits)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         low = -self.alpha if self.is_signed else self.alpha.new_zeros(())
