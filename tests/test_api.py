@@ -110,4 +110,6 @@ def test_readme_python_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     printed = capsys.readouterr().out
     assert "crop-flip-jitter" in printed and "W4A4 top-1" in printed
     assert (tmp_path / "runs" / "api-student" / "model.safetensors").is_file()
+    torch_top1 = re.search(r"W4A4 top-1 ([0-9.]+)%", printed).group(1)
+    assert f"top-1 {torch_top1}%" in printed.split("ONNX")[1]  # the exported file agrees on these 100 images
     assert os.getcwd() == str(tmp_path)

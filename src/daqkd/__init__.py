@@ -16,11 +16,13 @@ logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 from .api import (
     EvalOptions,
+    ExportOptions,
     RankOptions,
     StudentOptions,
     SweepOptions,
     TeacherOptions,
     evaluate,
+    export_model,
     rank_augmentations,
     run_sweep,
     train_student,
@@ -29,12 +31,14 @@ from .api import (
 
 __all__ = [
     "EvalOptions",
+    "ExportOptions",
     "RankOptions",
     "StudentOptions",
     "SweepOptions",
     "TeacherOptions",
     "__version__",
     "evaluate",
+    "export_model",
     "rank_augmentations",
     "run_sweep",
     "train_student",

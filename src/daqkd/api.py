@@ -20,6 +20,7 @@ resume, data, the Trainer. :func:`run_sweep` (:mod:`daqkd.sweep_runner`) trains 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
@@ -243,6 +244,23 @@ class EvalOptions(DataOptions):
     normalize: str | None = None
     split: str = "test"
     out: str | None = None
+    onnx_optimization: str = "all"
+
+
+@dataclass
+class ExportOptions:
+    """`daqkd export`: ``run`` (a run directory or daqkd checkpoint) as the ONNX file ``out``; with
+    ``fp`` the full-precision teacher the run was distilled from instead; ``image_size``: the side of
+    the square uint8 images the file takes (the batch size stays free)."""
+
+    run: str | None = None
+    out: str | None = None
+    fp: bool = False
+    image_size: int = 32
+
+    @classmethod
+    def from_namespace(cls, namespace: Any) -> Self:
+        return cls(**{f.name: getattr(namespace, f.name) for f in fields(cls) if hasattr(namespace, f.name)})
 
 
 def data_statistics(data: ImageSet) -> Normalization:
@@ -302,10 +320,12 @@ def prepare_run(options: Options, command: str) -> tuple[Options, Path]:
 
 
 def write_run_config(options: Options, run: Path, command: str) -> None:
-    """RUN/config.json: the options (enough to rerun or resume), the command and argv."""
+    """RUN/config.json: the options (enough to rerun or resume), the command, argv and the working
+    directory that relative paths in them (--data, --teacher) are relative to."""
     run.mkdir(parents=True, exist_ok=True)
     if is_main_process():
-        write_json_atomic(run / CONFIG_FILE, {"command": command, "args": asdict(options), "argv": sys.argv[1:]})
+        write_json_atomic(run / CONFIG_FILE, {"command": command, "args": asdict(options), "argv": sys.argv[1:],
+                                              "cwd": os.getcwd()})
 
 
 def train_run(options: TrainOptions, command: str, data: tuple[ImageSet, ImageSet] | None,
@@ -481,6 +501,10 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
         raise DaqkdError("pass the run directory or checkpoint to evaluate")
     if options.out:
         check_output(options.out, "file")
+    from .export import is_onnx_file
+
+    if is_onnx_file(options.run):
+        return _evaluate_onnx(options)
     test = options.load(options.split)
     model, meta = load_model(options.run, arch=options.arch, normalize=options.normalize,
                              num_classes=test.num_classes, classes=test.classes)
@@ -494,6 +518,95 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
     if options.out:
         write_json_atomic(options.out, report)
     return report
+
+
+def _evaluate_onnx(options: EvalOptions) -> dict[str, Any]:
+    """:func:`evaluate` for an ONNX file written by :func:`export_model`, run by onnxruntime (CPU)."""
+    from .export import OnnxModel, onnx_weight_bytes
+
+    for name in ("arch", "normalize"):
+        if getattr(options, name) is not None:
+            raise DaqkdError(f"an ONNX file carries its architecture and normalization: drop --{name}")
+    model = OnnxModel(options.run, optimization=options.onnx_optimization)
+    test = options.load(options.split)
+    classes = model.metadata_value("classes")
+    if isinstance(classes, list) and list(classes) != list(test.classes):
+        raise DaqkdError(f"{options.run} was exported for other classes than the data's ({len(classes)} classes, "
+                         f"first {classes[:3]}; the data's: {test.classes[:3]}): pass the data set it was trained on")
+    side = model.input_shape[2:]
+    sizes = {tuple(t.shape[-2:]) for t in (test.images if isinstance(test.images, list) else [test.images[:1]])}
+    if all(isinstance(d, int) for d in side) and sizes != {tuple(side)}:
+        raise DaqkdError(f"{options.run} takes {side[0]}x{side[1]} images but the data's are "
+                         f"{', '.join(f'{h}x{w}' for h, w in sorted(sizes))}: export it again with --image-size")
+    metrics = evaluate_model(model, test, torch.device("cpu"))
+    quant = model.metadata_value("quant")
+    size = {**onnx_weight_bytes(options.run), "file_bytes": Path(options.run).stat().st_size}
+    report = {"run": str(options.run), "arch": model.metadata_value("arch", "?"),
+              "normalize": model.metadata_value("normalize", "?"), "data": test.source, "split": options.split,
+              "images": len(test), "w_bits": quant["w_bits"] if quant else 32,
+              "a_bits": quant["a_bits"] if quant else 32, "method": quant["method"] if quant else None,
+              "runtime": f"onnxruntime, CPU, graph optimization {options.onnx_optimization}", **metrics,
+              "size": size}
+    if options.out:
+        write_json_atomic(options.out, report)
+    return report
+
+
+def teacher_of(run: str | Path) -> Path:
+    """The teacher checkpoint a student run was distilled from, from RUN/config.json (its --teacher,
+    relative to the directory the run was started in)."""
+    config_file = Path(run) / CONFIG_FILE
+    if not config_file.is_file():
+        raise DaqkdError(f"--fp needs a student's run directory (its config.json names the teacher); {run} has none")
+    try:
+        config = json.loads(config_file.read_text())
+        teacher = config["args"]["teacher"]
+    except (ValueError, KeyError, TypeError):
+        raise DaqkdError(f"{config_file} names no teacher: --fp exports the teacher of a student run") from None
+    if not isinstance(teacher, str):
+        raise DaqkdError(f"{config_file} names no teacher: --fp exports the teacher of a student run")
+    bases = [Path(config["cwd"])] if isinstance(config.get("cwd"), str) else []
+    for base in [*bases, Path.cwd()]:
+        if (base / teacher).exists():
+            return base / teacher
+    tried = ", ".join(map(str, [*bases, Path.cwd()]))
+    raise DaqkdError(f"the teacher {teacher!r} of {run} is not found (relative to {tried}): export the teacher's "
+                     "run directly")
+
+
+def export_model(options: ExportOptions) -> Any:
+    """Write ``options.run`` (or its teacher with ``fp``) as an ONNX file; the
+    :class:`daqkd.export.ExportReport`. Needs the ``export`` extra (onnx, onnxruntime, onnxscript)."""
+    from . import __version__
+    from .export import export_onnx, require
+
+    if options.run is None:
+        raise DaqkdError("pass the run directory or checkpoint to export")
+    if not options.out:
+        raise DaqkdError("pass --out FILE.onnx")
+    if not str(options.out).lower().endswith(".onnx"):
+        raise DaqkdError(f"--out {options.out}: name the file FILE.onnx")
+    if options.image_size < 1:
+        raise DaqkdError(f"--image-size must be at least 1, got {options.image_size}")
+    check_output(options.out, "file")
+    require("onnx"), require("onnxscript")  # before minutes of loading and tracing
+    source = teacher_of(options.run) if options.fp else Path(options.run)
+    _, meta = read_checkpoint(resolve_checkpoint(source))
+    if "arch" not in meta:
+        raise DaqkdError(f"{source} is not a daqkd checkpoint (no architecture or classes in it): export a daqkd run "
+                         "or checkpoint (published weights: fine-tune them with daqkd teacher --init first)")
+    model, info = load_model(source)
+    quant = info.get("quant")
+    metadata = {
+        "producer": f"daqkd {__version__}", "source": str(source), "arch": info["arch"],
+        "classes": info.get("classes"), "num_classes": info["num_classes"], "normalize": info["normalize"],
+        "input": f"images: uint8 RGB (batch, 3, {options.image_size}, {options.image_size}) in [0, 255], "
+                 "normalized inside the graph",
+        "output": "logits: float32 (batch, classes)", "quant": quant,
+        "w_bits": quant["w_bits"] if quant else 32, "a_bits": quant["a_bits"] if quant else 32,
+        "method": quant["method"] if quant else None,
+    }
+    return export_onnx(model, options.out, image_size=options.image_size, metadata=metadata)
 
 
 def run_sweep(options: SweepOptions) -> dict[str, Any]:

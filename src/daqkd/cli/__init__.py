@@ -16,7 +16,7 @@ from typing import Any
 from .. import __version__
 from ..errors import DaqkdError
 from . import eval as eval_command
-from . import rank, sweep, teacher, train
+from . import export, rank, sweep, teacher, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="daqkd", description="Data-Augmented Quantization-Aware Knowledge Distillation")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for command in (rank, teacher, train, eval_command, sweep):
+    for command in (rank, teacher, train, eval_command, sweep, export):
         command.add_parser(subparsers)
     return parser
 
