@@ -351,10 +351,11 @@ def train_run(options: TrainOptions, command: str, data: tuple[ImageSet, ImageSe
                       teacher=teacher, progress=not options.no_progress)
     if options.resume:
         trainer.resume()
-    elif is_main_process() and teacher is None:
-        before = evaluate_model(model.to(device), test, device)
-        print(f"daqkd {command}: {metadata['arch']} on {len(train):,} images, start test top-1 "
-              f"{before['top1']:.2f}%", flush=True)
+    elif teacher is None:
+        before = evaluate_model(model.to(device), test, device)  # every process: it is sharded
+        if is_main_process():
+            print(f"daqkd {command}: {metadata['arch']} on {len(train):,} images, start test top-1 "
+                  f"{before['top1']:.2f}%", flush=True)
     trainer.fit()
     return trainer
 

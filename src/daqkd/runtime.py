@@ -6,6 +6,7 @@ import os
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from .errors import DaqkdError
 
@@ -51,3 +52,110 @@ def init_distributed() -> tuple[int, int]:
 
 def is_main_process() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def world_size() -> int:
+    """Processes in the torch.distributed group (1 without one)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class _GlobalBatchNormFunction(torch.autograd.Function):
+    """Batch normalization with the statistics of the global batch (Ioffe & Szegedy 2015, as
+    nn.SyncBatchNorm computes it): per channel, forward all-reduces sum(x) and the count, then
+    sum((x - mean)^2) (two passes, as ATen's CPU kernel), backward all-reduces sum(g) and
+    sum(g * x_hat) of every process's output gradient g, and
+      dx = w invstd (g - sum(g) / N - x_hat sum(g x_hat) / N)
+    with the global sums (each process's loss depends on every process's images through the
+    statistics). Sums are float64 and x - mean is compensated (see forward): a plain float32
+    version was 1 % off in the gradients of a ResNet-20 on real images, where a near-constant channel
+    meets invstd ~ 1 / sqrt(eps). Weight and bias get this process's share (DDP averages them).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+                module: nn.BatchNorm2d) -> torch.Tensor:  # type: ignore[override]
+        dims = (0, 2, 3)
+        view = (1, -1, 1, 1)
+        sums = torch.cat([x.sum(dims, dtype=torch.float64), x.new_full((1,), x.numel() // x.shape[1],
+                                                                        dtype=torch.float64)])
+        dist.all_reduce(sums)
+        count = float(sums[-1])
+        mean = sums[:-1] / count
+        # x - mean in two float32 steps (high and low part of the float64 mean): a channel whose
+        # spread is 1e-5 of its mean would otherwise lose most digits of x_hat (ATen subtracts in
+        # double on the CPU), and its invstd multiplies that error into the gradient
+        mean_high = mean.to(x.dtype)
+        mean_low = (mean - mean_high.double()).to(x.dtype)
+        centred = (x - mean_high.view(view)) - mean_low.view(view)
+        squares = centred.square().sum(dims, dtype=torch.float64)  # two passes, as ATen
+        dist.all_reduce(squares)
+        var = squares / count
+        module.update_running_stats(mean, var, count)
+        invstd = torch.rsqrt(var + eps).to(x.dtype)
+        x_hat = centred * invstd.view(view)
+        ctx.save_for_backward(x_hat, invstd, weight)
+        ctx.count, ctx.has_bias = count, bias is not None
+        y = x_hat if weight is None else x_hat * weight.view(1, -1, 1, 1)
+        return y if bias is None else y + bias.view(1, -1, 1, 1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        x_hat, invstd, weight = ctx.saved_tensors
+        dims = (0, 2, 3)
+        local = torch.cat([grad.sum(dims, dtype=torch.float64), (grad * x_hat).sum(dims, dtype=torch.float64)])
+        grad_bias, grad_weight = local.chunk(2)
+        total = local.clone()
+        dist.all_reduce(total)
+        mean_g, mean_g_xhat = (t.div(ctx.count).to(grad.dtype).view(1, -1, 1, 1) for t in total.chunk(2))
+        scale = invstd if weight is None else invstd * weight
+        grad_x = (grad - mean_g - x_hat * mean_g_xhat) * scale.view(1, -1, 1, 1)
+        return (grad_x, None if weight is None else grad_weight.to(weight.dtype),
+                grad_bias.to(grad.dtype) if ctx.has_bias else None, None, None)
+
+
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics are those of the global batch across the processes of
+    torch.distributed, on any device and backend (gloo on CPU, NCCL on CUDA).
+
+    torch's ``nn.SyncBatchNorm`` does this with fused CUDA kernels but refuses CPU tensors, where CI
+    runs and where daqkd must behave as on a GPU; this is the same computation in plain torch ops
+    (:class:`_GlobalBatchNormFunction`). The running variance takes the unbiased N / (N - 1) var, as
+    nn.BatchNorm2d. Outside training mode, or with one process, it is nn.BatchNorm2d.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or world_size() == 1:
+            return super().forward(x)
+        if x.dtype in (torch.float16, torch.bfloat16):  # what autocast does for batch_norm
+            x = x.float()
+        return _GlobalBatchNormFunction.apply(x, self.weight, self.bias, self.eps, self)
+
+    @torch.no_grad()
+    def update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: float) -> None:
+        if not self.track_running_stats or self.running_mean is None or self.running_var is None:
+            return
+        self.num_batches_tracked.add_(1)
+        factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        self.running_mean.mul_(1 - factor).add_(mean.to(self.running_mean.dtype), alpha=factor)
+        unbiased = var * (count / max(count - 1, 1))
+        self.running_var.mul_(1 - factor).add_(unbiased.to(self.running_var.dtype), alpha=factor)
+
+
+def synchronize_batchnorm(model: nn.Module) -> int:
+    """Make every nn.BatchNorm2d of ``model`` a :class:`GlobalBatchNorm2d` in place (same parameters,
+    buffers and state-dict keys, so checkpoints do not change); the number converted."""
+    converted = 0
+    for module in model.modules():
+        if type(module) is nn.BatchNorm2d:
+            module.__class__ = GlobalBatchNorm2d  # a subclass without state of its own
+            converted += 1
+    return converted
+
+
+def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
+    """The mean of ``values`` over the processes (itself with one process)."""
+    if world_size() == 1:
+        return values
+    values = values.clone()
+    dist.all_reduce(values)
+    return values / world_size()

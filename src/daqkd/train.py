@@ -27,7 +27,7 @@ from .distill import DistillLoss, DistillTask
 from .errors import DaqkdError
 from .quant import split_parameters
 from .rundir import BEST_FILE, LAST_FILE, STATE_FILE, append_history, atomic_path, remove_partial_files, write_history
-from .runtime import is_main_process, mix_seed
+from .runtime import all_reduce_mean, is_main_process, mix_seed, synchronize_batchnorm, world_size
 
 
 @dataclass
@@ -90,16 +90,21 @@ def build_optimizers(model: nn.Module, config: TrainConfig, steps_per_epoch: int
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: ImageSet, device: torch.device, batch_size: int = 500) -> dict[str, Any]:
-    """top1, top5 (%), mean CE loss and per-class top-1 (%) on clean images (the identity view)."""
+    """top1, top5 (%), mean CE loss and per-class top-1 (%) on clean images (the identity view).
+
+    Under torch.distributed each process evaluates every world-th image and the sums are all-reduced:
+    the figures are those of the whole set, computed once."""
     was_training = model.training
     model.eval()
     view = Candidate("identity", data.num_classes)
+    rank, world = (dist.get_rank(), world_size()) if world_size() > 1 else (0, 1)
+    shard = torch.arange(rank, len(data), world)
     correct1 = correct5 = 0
     loss_sum = 0.0
     per_class_correct = torch.zeros(data.num_classes)
     per_class_total = torch.zeros(data.num_classes)
-    for start in range(0, len(data), batch_size):
-        idx = torch.arange(start, min(start + batch_size, len(data)))
+    for start in range(0, len(shard), batch_size):
+        idx = shard[start:start + batch_size]
         images = data.take(idx)
         if isinstance(images, torch.Tensor):
             images = images.to(device)
@@ -115,6 +120,15 @@ def evaluate(model: nn.Module, data: ImageSet, device: torch.device, batch_size:
         per_class_correct.index_add_(0, labels.cpu(), hit1.float().cpu())
         per_class_total.index_add_(0, labels.cpu(), torch.ones(len(labels)))
     model.train(was_training)
+    if world > 1:
+        sums = torch.cat([torch.tensor([correct1, correct5, loss_sum], dtype=torch.float64),
+                          per_class_correct.double(), per_class_total.double()])
+        if dist.get_backend() == "nccl":
+            sums = sums.to(device)
+        dist.all_reduce(sums)
+        sums = sums.cpu()
+        correct1, correct5, loss_sum = int(sums[0]), int(sums[1]), float(sums[2])
+        per_class_correct, per_class_total = sums[3:3 + data.num_classes], sums[3 + data.num_classes:]
     n = len(data)
     return {
         "top1": 100.0 * correct1 / n,
@@ -170,6 +184,12 @@ class Trainer:
             for p in self.teacher.parameters():
                 p.requires_grad_(False)
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        if self.config.batch_size % self.world:
+            raise DaqkdError(f"--batch-size {self.config.batch_size} does not split evenly into {self.world} "
+                             f"processes: use a multiple of {self.world} (each process takes the same share of "
+                             "every batch)")
+        if self.world > 1:  # BatchNorm normalizes with the global batch's statistics, as in one process
+            synchronize_batchnorm(self.model)
         self.steps_per_epoch = max(1, len(self.train_data) // self.config.batch_size)
         self.candidate = Candidate(self.config.aug, self.train_data.num_classes)
         self._calibrate()
@@ -305,12 +325,12 @@ class Trainer:
             x, targets = self._batch(idx, torch.Generator().manual_seed(mix_seed(config.seed, epoch, b)))
             if self.world > 1:  # each process takes its share of the global batch
                 x, targets = x[self.rank::self.world], targets[self.rank::self.world]
-            terms = self._step(x, targets)
+            terms = self._step(x, targets)  # means over the global batch
             self.step_in_epoch = b + 1
             self.global_step += 1
             for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v * len(x)
-            seen += len(x)
+                sums[k] = sums.get(k, 0.0) + v * len(x) * self.world
+            seen += len(x) * self.world
             self.epoch_seen = seen
             if bar is not None:
                 bar.update(1)
@@ -335,7 +355,7 @@ class Trainer:
             **({"test_top1": metrics["top1"], "test_top5": metrics["top5"], "test_loss": metrics["loss"]}
                if evaluated else {}),
             "lr": self.optimizers[0][0].param_groups[0]["lr"], "seconds": seconds,
-            "images_per_s": seen * self.world / max(seconds, 1e-9),
+            "images_per_s": seen / max(seconds, 1e-9),
         }
         self.epoch, self.step_in_epoch = epoch + 1, 0
         self.history.append(record)
@@ -361,9 +381,13 @@ class Trainer:
         with autocast(self.device, self.config.amp):
             terms = self.task(x, targets)
         loss = terms["loss"]
-        if not torch.isfinite(loss):
+        # every process sees the global batch's terms (equal shares: the mean of the shards' means),
+        # so all of them stop together on a non-finite loss instead of one waiting in the next all-reduce
+        values = all_reduce_mean(torch.stack([v.detach().float() for v in terms.values()]))
+        global_terms = dict(zip(terms, values.tolist(), strict=True))
+        if not math.isfinite(global_terms["loss"]):
             raise DaqkdError(
-                f"the loss became {float(loss.detach())} at epoch {self.epoch + 1}, step {self.step_in_epoch + 1}; "
+                f"the loss became {global_terms['loss']} at epoch {self.epoch + 1}, step {self.step_in_epoch + 1}; "
                 + (f"the last good state is {self.run_dir / STATE_FILE}" if (self.run_dir / STATE_FILE).is_file()
                    else "no checkpoint was written yet")
                 + ": check the data and the teacher, or start a new run (another --out) with lower learning rates "
@@ -374,7 +398,7 @@ class Trainer:
         for optimizer, scheduler in self.optimizers:
             optimizer.step()
             scheduler.step()
-        return {k: float(v.detach()) for k, v in terms.items()}
+        return global_terms
 
     def _epoch_hooks(self, order: torch.Tensor) -> None:
         """Each quantizer class's ``on_epoch_start`` (EWGS's Hessian delta), at an epoch's start; the
