@@ -216,7 +216,7 @@ def test_one_bit_layers_export(method: str, first_last: str, images: torch.Tenso
     assert (reference.argmax(1) == logits.argmax(1)).float().mean() >= 0.97
 
 
-def test_uncalibrated_model_and_bad_image_size_are_refused(images: torch.Tensor, tmp_path: Path) -> None:
+def test_an_uncalibrated_model_is_refused(tmp_path: Path) -> None:
     from .conftest import RESNET20
 
     model, _ = load_model(RESNET20, arch="resnet20", normalize="imagenet", num_classes=10)
