@@ -13,6 +13,7 @@ from scipy import stats
 
 from daqkd.cli import main
 from daqkd.sweep import analyze, correlation, report_markdown
+from daqkd.sweep_runner import device_slots, parse_devices
 
 
 def fake_ranking(scores: dict[str, float], variances: dict[str, float]) -> dict:
@@ -197,7 +198,10 @@ def test_sweep_end_to_end_and_resumes(tmp_path: Path, tiny_folder: Path, capsys:
     assert "ranks other candidates" in capsys.readouterr().err
 
 
-def test_sweep_jobs_trains_in_parallel_processes_with_the_same_results(tmp_path: Path, tiny_folder: Path) -> None:
+def test_sweep_jobs_and_shards_train_the_same_students(tmp_path: Path, tiny_folder: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """Side by side in worker processes on --devices, or split over two --shard sweeps sharing
+    --out: the same students, to the last bit, as one serial sweep at the same thread count."""
     data, teacher = train_tiny_teacher(tmp_path, tiny_folder)
     common = ["sweep", *data, "--teacher", str(teacher), "--w-bits", "3", "--a-bits", "3", "--augs", "none,augmix",
               "--epochs", "2", "--batch-size", "12", "--no-progress"]
@@ -206,18 +210,56 @@ def test_sweep_jobs_trains_in_parallel_processes_with_the_same_results(tmp_path:
     torch.set_num_threads(max(1, cores // 2))  # what each of 2 workers gets: the same float sums
     try:
         assert main([*common, "--out", str(tmp_path / "serial")]) == 0
+        capsys.readouterr()
+        shared = str(tmp_path / "shards")
+        assert main([*common, "--shard", "0/2", "--out", shared]) == 0
+        printed = capsys.readouterr().out
+        assert "shard 0/2: 1 of its 1 students to train" in printed and "1 of 2 runs are not finished" in printed
+        assert main([*common, "--shard", "1/2", "--out", shared]) == 0
+        printed = capsys.readouterr().out
+        assert "shard 1/2: 1 of its 1 students" in printed and "not finished" not in printed
     finally:
         torch.set_num_threads(threads)
-    assert main([*common, "--jobs", "2", "--out", str(tmp_path / "parallel")]) == 0
-    serial, parallel = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("serial", "parallel"))
-    by_aug = {r["aug"]: r for r in parallel["runs"]}
+    # --jobs defaults to one per device
+    assert main([*common, "--devices", "cpu,cpu", "--out", str(tmp_path / "parallel")]) == 0
+    assert "2 at a time (2 on cpu)" in capsys.readouterr().out
+    serial = json.loads((tmp_path / "serial" / "results.json").read_text())
+    for other in ("parallel", "shards"):
+        runs = {r["aug"]: r for r in json.loads((tmp_path / other / "results.json").read_text())["runs"]}
+        assert set(runs) == {"none", "augmix"}, other
+        for run in serial["runs"]:
+            assert runs[run["aug"]]["top1"] == run["top1"], other
+            history = [json.loads(line) for line in (tmp_path / other / run["run"] / "metrics.jsonl").open()]
+            reference = [json.loads(line) for line in (tmp_path / "serial" / run["run"] / "metrics.jsonl").open()]
+            assert [h["train_loss"] for h in history] == [h["train_loss"] for h in reference], other
     for run in serial["runs"]:
-        assert by_aug[run["aug"]]["top1"] == run["top1"]
-        history = [json.loads(line) for line in (tmp_path / "parallel" / run["run"] / "metrics.jsonl").open()]
-        reference = [json.loads(line) for line in (tmp_path / "serial" / run["run"] / "metrics.jsonl").open()]
-        assert [h["train_loss"] for h in history] == [h["train_loss"] for h in reference]
         assert "epoch 2/2" in (tmp_path / "parallel" / run["run"] / "train.log").read_text()
-    assert main([*common, "--jobs", "0", "--out", str(tmp_path / "zero")]) == 2
+        # the device slot the worker took, not the sweep's --device auto
+        assert json.loads((tmp_path / "parallel" / run["run"] / "config.json").read_text())["args"]["device"] == "cpu"
+
+
+def test_device_slots_are_round_robin() -> None:
+    assert device_slots(["cuda:0", "cuda:1"], 4) == ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]
+    assert device_slots(["cuda:0", "cuda:1", "cuda:2"], 4) == ["cuda:0", "cuda:1", "cuda:2", "cuda:0"]
+    assert parse_devices("cpu, cpu", "auto") == ["cpu", "cpu"] and parse_devices(None, "cuda:1") == ["cuda:1"]
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--jobs", "0"], "--jobs must be at least 1, got 0"),
+    (["--devices", "cpu,cpu", "--jobs", "1"], "--jobs 1 would leave devices of --devices cpu,cpu idle"),
+    (["--devices", "cpu", "--device", "cpu"], "pass either --device (one device) or --devices"),
+    (["--devices", "cpu,,cpu"], "list devices or CUDA indices separated by commas"),
+    (["--devices", "cuda:99"], "--devices cuda:99: cuda:99: "),  # no CUDA here, or fewer than 100 devices
+    (["--shard", "2/2"], "--shard '2/2': give K/N with 0 <= K < N"),
+    (["--shard", "1"], "--shard '1': give K/N"),
+])
+def test_sweep_placement_options_are_checked(tmp_path: Path, tiny_folder: Path, capsys: pytest.CaptureFixture[str],
+                                             extra: list[str], message: str) -> None:
+    assert main(["sweep", "--data", str(tiny_folder), "--teacher", str(tmp_path), "--augs", "none",
+                 "--out", str(tmp_path / "s"), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("daqkd: error:") and message in err, err
+    assert not (tmp_path / "s").exists()
 
 
 def test_sweep_bad_default_and_missing_teacher_give_one_line(tmp_path: Path, tiny_folder: Path,

@@ -195,14 +195,19 @@ class StudentOptions(TrainOptions):
 class SweepOptions(StudentOptions):
     """`daqkd sweep`: rank ``augs`` once, train a student per candidate and seed (``seeds`` of them
     from ``seed``) plus the ``default`` DA, and report whether the ranking predicted them.
-    ``jobs`` students train at once in their own processes; ``report_only`` rebuilds the outputs."""
+    ``jobs`` students train at once in their own processes (default: one per device of ``devices``,
+    else 1), placed round-robin on ``devices`` (``"0,1"`` or ``"cuda:0,cuda:1"``; default: ``device``);
+    ``shard`` ``"K/N"`` trains only every N-th student from the K-th (one sweep per node sharing
+    ``out``); ``report_only`` rebuilds the outputs."""
 
     aug: str | None = None
     seeds: int = 1
     default: str | None = None
     controls: str = "basic"
     report_only: bool = False
-    jobs: int = 1
+    jobs: int | None = None
+    devices: str | None = None
+    shard: str | None = None
 
     def student(self, **changes: Any) -> StudentOptions:
         """The options of one of the sweep's students (its own fields as given, ``changes`` on top)."""

@@ -23,6 +23,9 @@ def select_device(name: str = "auto") -> torch.device:
         raise DaqkdError(f"unknown --device {name!r}: use auto, cpu, cuda or cuda:N") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DaqkdError(f"--device {name} asked for CUDA, but no CUDA device is available: use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise DaqkdError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible "
+                         f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
     return device
 
 

@@ -48,8 +48,55 @@ def run_name(aug: str, seed: int) -> str:
     return f"{aug}-seed{seed}"
 
 
+def parse_devices(devices: str | None, device: str) -> list[str]:
+    """The devices a sweep's students train on: ``devices`` as given (``"0,1"`` means cuda:0 and
+    cuda:1), each checked to exist; without it ``[device]``."""
+    if devices is None:
+        return [device]
+    names = [name.strip() for name in devices.split(",")]
+    if not all(names):
+        raise DaqkdError(f"--devices {devices!r}: list devices or CUDA indices separated by commas, e.g. 0,1")
+    parsed = [f"cuda:{name}" if name.isdigit() else name for name in names]
+    for name in parsed:
+        try:
+            select_device(name)
+        except DaqkdError as exc:
+            reason = str(exc).replace(f"--device {name} ", "", 1).replace(f"--device {name}: ", "", 1)
+            raise DaqkdError(f"--devices {devices}: {name}: {reason.split(': use')[0]}: list only devices "
+                             "this machine has (CUDA indices 0..N-1)") from exc
+    return parsed
+
+
+def device_slots(devices: list[str], jobs: int) -> list[str]:
+    """Round robin: of ``jobs`` students training at once, the i-th runs on ``devices[i % len]``,
+    so no device holds more than ceil(jobs / len(devices)) of them."""
+    return [devices[i % len(devices)] for i in range(jobs)]
+
+
+def parse_shard(shard: str | None) -> tuple[int, int]:
+    """``"K/N"`` -> (K, N) with 0 <= K < N; None -> (0, 1), the whole sweep."""
+    if shard is None:
+        return 0, 1
+    index, _, count = shard.partition("/")
+    if not (index.isdigit() and count.isdigit()) or not 0 <= int(index) < int(count):
+        raise DaqkdError(f"--shard {shard!r}: give K/N with 0 <= K < N, e.g. --shard 0/2 on one node and "
+                         "--shard 1/2 on the other")
+    return int(index), int(count)
+
+
+# Set in each worker process by `_start_worker`: the free devices, one token per running student.
+_device_slots: Any = None
+
+
+def _start_worker(slots: Any) -> None:
+    """Workers leave Ctrl-C to the parent, which stops them all (no traceback per worker)."""
+    global _device_slots
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _device_slots = slots
+
+
 def train_in_process(task: tuple[int, StudentOptions, tuple[ImageSet, ImageSet], int]) -> tuple[int, float, str]:
-    """Train one student in a worker process, its output in RUN/train.log.
+    """Train one student in a worker process on a free device slot, its output in RUN/train.log.
 
     task: (index, run arguments, data, CPU threads); returns (index, wall seconds, error or "").
     """
@@ -58,26 +105,28 @@ def train_in_process(task: tuple[int, StudentOptions, tuple[ImageSet, ImageSet],
     started = time.perf_counter()
     run = Path(run_args.out)
     run.mkdir(parents=True, exist_ok=True)
-    run_args = dataclasses.replace(run_args, no_progress=True)
-    with open(run / TRAIN_LOG, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        try:
-            train_student(run_args, data)
-        except Exception as exc:  # noqa: BLE001  (any failure is reported by the parent, named after its run)
-            traceback.print_exc()
-            return index, time.perf_counter() - started, f"{type(exc).__name__}: {exc}"
-    return index, time.perf_counter() - started, ""
-
-
-def ignore_interrupts() -> None:
-    """Workers leave Ctrl-C to the parent, which stops them all (no traceback per worker)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # the pool runs at most as many tasks as there are slots, and each returns its slot before it
+    # returns, so this never waits
+    device = _device_slots.get()
+    try:
+        run_args = dataclasses.replace(run_args, no_progress=True, device=device)
+        with open(run / TRAIN_LOG, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            try:
+                train_student(run_args, data)
+            except Exception as exc:  # noqa: BLE001  (any failure is reported by the parent, named after its run)
+                traceback.print_exc()
+                return index, time.perf_counter() - started, f"{type(exc).__name__}: {exc}"
+        return index, time.perf_counter() - started, ""
+    finally:
+        _device_slots.put(device)
 
 
 def run_in_processes(pending: list[StudentOptions], data: tuple[ImageSet, ImageSet], jobs: int,
-                     record: Callable[[StudentOptions, float], None]) -> None:
-    """Train ``pending`` students, ``jobs`` at a time, each in a fresh spawned process (CUDA-safe);
-    the images reach the workers through shared memory, not a reload per student. On an error or
-    Ctrl-C every worker stops; the finished runs and the others' last checkpoints stay."""
+                     record: Callable[[StudentOptions, float], None], devices: list[str]) -> None:
+    """Train ``pending`` students, ``jobs`` at a time, each in a fresh spawned process (CUDA-safe),
+    placed round-robin on ``devices`` (:func:`device_slots`); the images reach the workers through
+    shared memory, not a reload per student. On an error or Ctrl-C every worker stops; the finished
+    runs and the others' last checkpoints stay."""
     import torch.multiprocessing as mp
 
     for split in data:
@@ -87,9 +136,15 @@ def run_in_processes(pending: list[StudentOptions], data: tuple[ImageSet, ImageS
     jobs = min(jobs, len(pending))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = max(1, cores // jobs)
-    print(f"daqkd sweep: training {len(pending)} students, {jobs} at a time, {threads} CPU thread(s) each; "
-          "logs in RUN/train.log", flush=True)
-    pool = mp.get_context("spawn").Pool(jobs, initializer=ignore_interrupts, maxtasksperchild=1)
+    slots = device_slots(devices, jobs)
+    placed = ", ".join(f"{slots.count(d)} on {d}" for d in dict.fromkeys(slots))
+    print(f"daqkd sweep: training {len(pending)} students, {jobs} at a time ({placed}), {threads} CPU thread(s) "
+          "each; logs in RUN/train.log", flush=True)
+    context = mp.get_context("spawn")
+    free = context.Queue()
+    for slot in slots:
+        free.put(slot)
+    pool = context.Pool(jobs, initializer=_start_worker, initargs=(free,), maxtasksperchild=1)
     interrupted = False
     try:
         tasks = [(i, run_args, data, threads) for i, run_args in enumerate(pending)]
@@ -253,10 +308,19 @@ def run_sweep(args: SweepOptions) -> dict[str, Any]:
     args.student().quant_config()
     if args.seeds < 1:
         raise DaqkdError(f"--seeds must be at least 1, got {args.seeds}")
-    if args.jobs < 1:
-        raise DaqkdError(f"--jobs must be at least 1, got {args.jobs}")
-    if args.jobs > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise DaqkdError("--jobs trains students side by side on one machine: use it without torchrun")
+    if args.devices is not None and args.device != "auto":
+        raise DaqkdError("pass either --device (one device) or --devices (students spread over several)")
+    devices = parse_devices(args.devices, args.device)
+    jobs = args.jobs if args.jobs is not None else len(devices) if args.devices else 1
+    if jobs < 1:
+        raise DaqkdError(f"--jobs must be at least 1, got {jobs}")
+    if jobs < len(devices):
+        raise DaqkdError(f"--jobs {jobs} would leave devices of --devices {args.devices} idle: use --jobs "
+                         f"{len(devices)} or more (students per device at once = jobs / devices)")
+    if (jobs > 1 or args.devices) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise DaqkdError("--jobs and --devices train students side by side on one machine: use them without "
+                         "torchrun (one sweep per node: --shard K/N)")
+    shard_index, shard_count = parse_shard(args.shard)
     augs = parse_candidates(args.augs)
     names = list(augs)
     out = Path(args.out)
@@ -269,7 +333,7 @@ def run_sweep(args: SweepOptions) -> dict[str, Any]:
     check_same_configuration(out, args, stored_sweep)
     init_distributed()
     out.mkdir(parents=True, exist_ok=True)
-    device = select_device(args.device)
+    device = select_device(devices[0])
     data = args.load_train_test()
     train, _ = data
     main = is_main_process()
@@ -293,42 +357,61 @@ def run_sweep(args: SweepOptions) -> dict[str, Any]:
     config = dataclasses.asdict(args)
     meta = {"title": sweep_title(ranking.get("images", len(train)), args), "device": str(device), "command": command}
     outputs = SweepOutputs(out, ranking, names, args.default, config, meta)
-    results = collect_finished(out, ordered, seeds, args.epochs)
+    wall_seconds_of: dict[tuple[str, int], float] = {}
+
+    def finished_runs() -> list[dict[str, Any]]:
+        """Every finished run on disk: other shards' too, when nodes share ``out``."""
+        runs = collect_finished(out, ordered, seeds, args.epochs)
+        for run in runs:
+            if (run["aug"], run["seed"]) in wall_seconds_of:
+                run["wall_seconds"] = wall_seconds_of[run["aug"], run["seed"]]
+        return runs
+
+    results = finished_runs()
     finished = {(r["aug"], r["seed"]) for r in results}
+    students = [(aug, seed) for seed in seeds for aug in ordered]
     pending: list[StudentOptions] = []
-    for seed in seeds:
-        for aug in ordered:
-            if (aug, seed) in finished:
-                continue
-            run = out / "runs" / run_name(aug, seed)
-            run_args = args.student(aug=aug, seed=seed, out=str(run), resume=(run / STATE_FILE).is_file())
-            if not run_args.resume and run.exists():
-                shutil.rmtree(run)  # a partial run without its resume state: start it afresh
-            pending.append(run_args)
+    for aug, seed in students[shard_index::shard_count]:  # the same order on every node: disjoint shards
+        if (aug, seed) in finished:
+            continue
+        run = out / "runs" / run_name(aug, seed)
+        run_args = args.student(aug=aug, seed=seed, out=str(run), resume=(run / STATE_FILE).is_file(),
+                                device=devices[0])
+        if not run_args.resume and run.exists():
+            shutil.rmtree(run)  # a partial run without its resume state: start it afresh
+        pending.append(run_args)
+    if main and args.shard is not None:
+        print(f"daqkd sweep: shard {shard_index}/{shard_count}: {len(pending)} of its "
+              f"{len(students[shard_index::shard_count])} students to train", flush=True)
     if main and results:
         outputs.publish(results, total)
 
     def record(run_args: StudentOptions, wall_seconds: float) -> None:
+        nonlocal results
         run = Path(run_args.out)
         done = finished_run(run, args.epochs)
         if done is None:
             raise DaqkdError(f"{run} did not finish its {args.epochs} epochs")
-        results.append({"aug": run_args.aug, "seed": run_args.seed, "run": str(run.relative_to(out)), **done,
-                        "wall_seconds": wall_seconds})
+        wall_seconds_of[run_args.aug, run_args.seed] = wall_seconds
+        results = finished_runs()
         if main:
             print(f"{run.name} finished: top-1 {done['top1']:.2f}% ({len(results)}/{total})", flush=True)
             outputs.publish(results, total)
 
-    if args.jobs > 1 and pending:
-        run_in_processes(pending, data, args.jobs, record)
-    for run_args in pending if args.jobs == 1 else []:
+    if jobs > 1 and pending:
+        run_in_processes(pending, data, jobs, record, devices)
+    for run_args in pending if jobs == 1 else []:
         if main:
             print(f"-- {Path(run_args.out).name} ({len(results) + 1}/{total})"
                   f"{' resuming' if run_args.resume else ''}", flush=True)
         started = time.perf_counter()
         train_student(run_args, data)
         record(run_args, time.perf_counter() - started)
+    results = finished_runs()
     analysis = outputs.publish(results, total) if main else {}
     if main:
         print_verdict(analysis, out)
+        if len(results) < total:
+            print(f"{total - len(results)} of {total} runs are not finished (other shards?): when they are, "
+                  f"`daqkd sweep --report-only --out {out}` rebuilds the whole report")
     return analysis

@@ -29,9 +29,15 @@ def add_parser(subparsers: Any) -> None:
                         "which the report then correlates with the students like every other control")
     p.add_argument("--report-only", action="store_true",
                    help="rebuild results.json, report.md and scatter.png from what --out holds; trains nothing")
-    p.add_argument("--jobs", type=int, default=1,
+    p.add_argument("--jobs", type=int,
                    help="students trained at once, each in its own process logging to RUN/train.log "
-                        "(a small student leaves a large GPU mostly idle)")
+                        "(a small student leaves a large GPU mostly idle; default: one per --devices entry, else 1)")
+    p.add_argument("--devices", metavar="LIST",
+                   help="place the students round-robin on these devices, e.g. 0,1,2,3 (CUDA indices) or "
+                        "cuda:0,cuda:1; --jobs may be a multiple of their number")
+    p.add_argument("--shard", metavar="K/N",
+                   help="train only every N-th student from the K-th: one sweep per node, all with the same --out "
+                        "on a shared file system and K = 0..N-1")
     p.set_defaults(func=cmd_sweep)
 
 
