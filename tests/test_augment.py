@@ -9,7 +9,7 @@ from torchvision.transforms import v2
 from daqkd.augment import PAPER_CANDIDATES, Candidate, cutmix, known_names, parse_candidates
 from daqkd.augment.base import random_crop_flip
 from daqkd.augment.ops import BATCH_OPS
-from daqkd.augment.policies import RandomErasingPolicy
+from daqkd.augment.policies import AugMixPolicy, RandomErasingPolicy, apply_ops, magnitude_table
 from daqkd.errors import DaqkdError
 
 # magnitude ranges covering every op's use in torchvision's policies
@@ -179,3 +179,65 @@ def test_registering_a_da_is_one_decorator_and_leaves_all_alone() -> None:
             register_policy("invert-all")(InvertAll)
     finally:
         del POLICIES["invert-all"]
+
+
+def augmix_chain_by_chain(policy: AugMixPolicy, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """AugMix as torchvision runs it: each chain to its end before the next one starts."""
+    n, _, h, w = images.shape
+    table = magnitude_table(policy.space, 10, h, w)
+    m = torch._sample_dirichlet(torch.full((n, 2), policy.alpha, dtype=torch.float64), generator=generator)
+    weights = torch._sample_dirichlet(torch.full((n, policy.width), policy.alpha, dtype=torch.float64),
+                                      generator=generator) * m[:, 1:]
+    mix = images * m[:, 0].float().view(-1, 1, 1, 1)
+    for i in range(policy.width):
+        depth = torch.full((n,), policy.depth) if policy.depth > 0 else torch.randint(1, 4, (n,), generator=generator)
+        chain = images
+        for step in range(int(depth.max())):
+            op = torch.randint(len(policy.op_names), (n,), generator=generator)
+            level = torch.randint(policy.severity, (n,), generator=generator)
+            magnitude = policy.magnitudes(table, op, level, generator)
+            chain = policy.apply(chain, torch.where(depth > step, op, -1), magnitude)
+        mix += chain * weights[:, i].float().view(-1, 1, 1, 1)
+    return mix.to(torch.uint8)
+
+
+@pytest.mark.parametrize("depth", [-1, 2])
+def test_augmix_batched_chains_equal_chain_by_chain(depth: int) -> None:
+    policy = AugMixPolicy(depth=depth)
+    batch = images()
+    for seed in range(3):
+        ours = policy(batch, torch.Generator().manual_seed(seed))
+        assert torch.equal(ours, augmix_chain_by_chain(policy, batch, torch.Generator().manual_seed(seed)))
+
+
+def apply_ops_one_by_one(images: torch.Tensor, op_index: torch.Tensor, magnitude: torch.Tensor,
+                         op_names: list[str], interpolation: str) -> torch.Tensor:
+    """The naive reference: every op on its own images through its own kernel."""
+    out = images.clone()
+    for k, name in enumerate(op_names):
+        chosen = (op_index == k).nonzero().squeeze(1)
+        if chosen.numel():
+            out[chosen] = BATCH_OPS[name](out[chosen], magnitude[chosen], interpolation)
+    return out
+
+
+@pytest.mark.parametrize("interpolation", ["nearest", "bilinear"])
+def test_one_shared_warp_equals_each_geometric_op_alone(interpolation: str) -> None:
+    batch = images(400)
+    g = torch.Generator().manual_seed(3)
+    for space in (v2.TrivialAugmentWide._AUGMENTATION_SPACE, v2.AugMix._AUGMENTATION_SPACE,
+                  v2.AutoAugment._AUGMENTATION_SPACE):
+        names = list(space)
+        op_index = torch.randint(-1, len(names), (400,), generator=g)
+        magnitude = torch.rand(400, generator=g, dtype=torch.float64) * 1.6 - 0.8
+        for k, name in enumerate(names):  # each op's own magnitude range, some rotations exact
+            rows = op_index == k
+            low, high = RANGES.get(name, (0.0, 1.0))
+            magnitude[rows] = low + (high - low) * torch.rand(int(rows.sum()), generator=g, dtype=torch.float64)
+            if name == "Posterize":
+                magnitude[rows] = magnitude[rows].round()
+        rotations = (op_index == names.index("Rotate")).nonzero().squeeze(1)
+        magnitude[rotations[:6]] = torch.tensor([90.0, -90.0, 180.0, 0.0, 270.0, 45.0], dtype=torch.float64)
+        ours = apply_ops(batch, op_index, magnitude, names, interpolation)
+        assert torch.equal(ours, apply_ops_one_by_one(batch, op_index, magnitude, names, interpolation))
+        assert not torch.equal(ours, batch)

@@ -73,59 +73,96 @@ def _zeros2(n: int) -> torch.Tensor:
     return torch.zeros(n, 2, dtype=torch.float64)
 
 
-def shear_x(images: torch.Tensor, magnitude: torch.Tensor, interpolation: str) -> torch.Tensor:
-    """Horizontal shear by coefficient ``magnitude`` about the top-left corner."""
-    n, _, h, w = images.shape
+def shear_x_matrices(magnitude: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Horizontal shear by coefficient ``magnitude`` about the top-left corner: (N, 2, 3)."""
+    n = len(magnitude)
     shear = _zeros2(n)
     shear[:, 0] = torch.rad2deg(torch.atan(magnitude.double()))
-    center = torch.tensor([[-0.5 * w, -0.5 * h]], dtype=torch.float64).expand(n, 2)
-    matrices = inverse_affine_matrices(torch.zeros(n, dtype=torch.float64), _zeros2(n), shear, center)
-    return warp_affine(images, matrices, interpolation)
+    center = torch.tensor([[-0.5 * width, -0.5 * height]], dtype=torch.float64).expand(n, 2)
+    return inverse_affine_matrices(torch.zeros(n, dtype=torch.float64), _zeros2(n), shear, center)
 
 
-def shear_y(images: torch.Tensor, magnitude: torch.Tensor, interpolation: str) -> torch.Tensor:
-    """Vertical shear by coefficient ``magnitude`` about the top-left corner."""
-    n, _, h, w = images.shape
+def shear_y_matrices(magnitude: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Vertical shear by coefficient ``magnitude`` about the top-left corner: (N, 2, 3)."""
+    n = len(magnitude)
     shear = _zeros2(n)
     shear[:, 1] = torch.rad2deg(torch.atan(magnitude.double()))
-    center = torch.tensor([[-0.5 * w, -0.5 * h]], dtype=torch.float64).expand(n, 2)
-    matrices = inverse_affine_matrices(torch.zeros(n, dtype=torch.float64), _zeros2(n), shear, center)
-    return warp_affine(images, matrices, interpolation)
+    center = torch.tensor([[-0.5 * width, -0.5 * height]], dtype=torch.float64).expand(n, 2)
+    return inverse_affine_matrices(torch.zeros(n, dtype=torch.float64), _zeros2(n), shear, center)
 
 
-def translate_x(images: torch.Tensor, magnitude: torch.Tensor, interpolation: str) -> torch.Tensor:
-    """Shift right by ``int(magnitude)`` pixels (left if negative), zero fill."""
-    n = images.shape[0]
+def translate_x_matrices(magnitude: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Shift right by ``int(magnitude)`` pixels (left if negative): (N, 2, 3)."""
+    n = len(magnitude)
     translate = _zeros2(n)
     translate[:, 0] = magnitude.double().trunc()
-    zeros = torch.zeros(n, dtype=torch.float64)
-    return warp_affine(images, inverse_affine_matrices(zeros, translate, _zeros2(n), _zeros2(n)), interpolation)
+    return inverse_affine_matrices(torch.zeros(n, dtype=torch.float64), translate, _zeros2(n), _zeros2(n))
 
 
-def translate_y(images: torch.Tensor, magnitude: torch.Tensor, interpolation: str) -> torch.Tensor:
-    """Shift down by ``int(magnitude)`` pixels (up if negative), zero fill."""
-    n = images.shape[0]
+def translate_y_matrices(magnitude: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Shift down by ``int(magnitude)`` pixels (up if negative): (N, 2, 3)."""
+    n = len(magnitude)
     translate = _zeros2(n)
     translate[:, 1] = magnitude.double().trunc()
-    zeros = torch.zeros(n, dtype=torch.float64)
-    return warp_affine(images, inverse_affine_matrices(zeros, translate, _zeros2(n), _zeros2(n)), interpolation)
+    return inverse_affine_matrices(torch.zeros(n, dtype=torch.float64), translate, _zeros2(n), _zeros2(n))
 
 
-def rotate(images: torch.Tensor, magnitude: torch.Tensor, interpolation: str) -> torch.Tensor:
-    """Rotate counter-clockwise by ``magnitude`` degrees about the center, zero fill.
+def rotate_matrices(magnitude: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Rotate counter-clockwise by ``magnitude`` degrees about the center: (N, 2, 3)."""
+    n = len(magnitude)
+    return inverse_affine_matrices(-(magnitude.double() % 360), _zeros2(n), _zeros2(n), _zeros2(n))
 
-    Multiples of 90 degrees take torchvision's exact fast path (rot90), as ``F.rotate`` does.
-    """
-    n, _, h, w = images.shape
+
+def rotate_exactly(images: torch.Tensor, warped: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """``warped`` (the rotation of ``images`` by ``magnitude`` degrees through the affine warp) with
+    multiples of 90 degrees replaced by torchvision's exact fast path (rot90), as ``F.rotate`` does."""
+    h, w = images.shape[-2:]
     angle = magnitude.double() % 360
-    matrices = inverse_affine_matrices(-angle, _zeros2(n), _zeros2(n), _zeros2(n))
-    out = warp_affine(images, matrices, interpolation)
     for degrees, k in ((0.0, 0), (90.0, 1), (180.0, 2), (270.0, 3)):
         exact = angle == degrees
         if (k % 2 == 1 and h != w) or not bool(exact.any()):
             continue
-        out[exact] = torch.rot90(images[exact], k=k, dims=(-2, -1))
-    return out
+        on_device = exact.to(images.device)
+        warped[on_device] = torch.rot90(images[on_device], k=k, dims=(-2, -1))
+    return warped
+
+
+# The geometric ops: one inverse affine matrix per image, so images under different ones share a
+# single warp (apply_ops in policies.py); magnitude (N,), image height, width -> (N, 2, 3) float64.
+AFFINE_MATRICES: dict[str, Callable[[torch.Tensor, int, int], torch.Tensor]] = {
+    "ShearX": shear_x_matrices,
+    "ShearY": shear_y_matrices,
+    "TranslateX": translate_x_matrices,
+    "TranslateY": translate_y_matrices,
+    "Rotate": rotate_matrices,
+}
+
+
+def shear_x(images: torch.Tensor, magnitude: torch.Tensor, interpolation: str) -> torch.Tensor:
+    """Horizontal shear by coefficient ``magnitude`` about the top-left corner."""
+    return warp_affine(images, shear_x_matrices(magnitude, *images.shape[-2:]), interpolation)
+
+
+def shear_y(images: torch.Tensor, magnitude: torch.Tensor, interpolation: str) -> torch.Tensor:
+    """Vertical shear by coefficient ``magnitude`` about the top-left corner."""
+    return warp_affine(images, shear_y_matrices(magnitude, *images.shape[-2:]), interpolation)
+
+
+def translate_x(images: torch.Tensor, magnitude: torch.Tensor, interpolation: str) -> torch.Tensor:
+    """Shift right by ``int(magnitude)`` pixels (left if negative), zero fill."""
+    return warp_affine(images, translate_x_matrices(magnitude, *images.shape[-2:]), interpolation)
+
+
+def translate_y(images: torch.Tensor, magnitude: torch.Tensor, interpolation: str) -> torch.Tensor:
+    """Shift down by ``int(magnitude)`` pixels (up if negative), zero fill."""
+    return warp_affine(images, translate_y_matrices(magnitude, *images.shape[-2:]), interpolation)
+
+
+def rotate(images: torch.Tensor, magnitude: torch.Tensor, interpolation: str) -> torch.Tensor:
+    """Rotate counter-clockwise by ``magnitude`` degrees about the center, zero fill (multiples of
+    90 degrees exactly, :func:`rotate_exactly`)."""
+    warped = warp_affine(images, rotate_matrices(magnitude, *images.shape[-2:]), interpolation)
+    return rotate_exactly(images, warped, magnitude)
 
 
 def blend(images: torch.Tensor, other: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
