@@ -138,6 +138,37 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path: Path, tiny_folder: Pat
     assert _log(tmp_path / "killed") == _log(tmp_path / "whole")
 
 
+def test_augment_workers_train_the_same_weights_and_resume(tmp_path: Path, tiny_folder: Path) -> None:
+    """Batches augmented ahead in 2 worker processes (1 thread each) are the training process's
+    own: the same weights to the bit, also for a run killed mid-epoch and resumed with workers."""
+    import multiprocessing
+
+    whole = small_trainer(tiny_folder, tmp_path / "whole", epochs=2, quantized=True, save_every=3)
+    whole.fit()
+
+    class Killed(Exception):
+        pass
+
+    def kill_at(step: int) -> None:
+        if step == 6:
+            raise Killed
+
+    first = small_trainer(tiny_folder, tmp_path / "workers", epochs=2, quantized=True, save_every=3,
+                          augment_workers=2)
+    first.on_step = kill_at
+    with pytest.raises(Killed):
+        first.fit()
+    assert not multiprocessing.active_children()  # the workers stopped with the run
+    second = small_trainer(tiny_folder, tmp_path / "workers", epochs=2, quantized=True, save_every=3,
+                           augment_workers=2)
+    assert second.resume() and (second.epoch, second.step_in_epoch) == (1, 2)
+    second.fit()
+    expected = whole.model.state_dict()
+    for key, value in second.model.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+    assert [h["train_loss"] for h in second.history] == [h["train_loss"] for h in whole.history]
+
+
 def _log(run: Path) -> list[dict]:
     timing = ("seconds", "images_per_s")
     return [{k: v for k, v in json.loads(line).items() if k not in timing}

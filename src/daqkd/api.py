@@ -93,7 +93,8 @@ class TrainOptions(DataOptions):
     """A training run (teacher or student): optimization, schedule and run directory ``out``.
 
     Schedules are cosine to 0 after ``warmup_epochs``; ``eval_every`` tests every N epochs and
-    after the last; ``train_limit_per_class`` limits the train split only (data-limited runs).
+    after the last; ``train_limit_per_class`` limits the train split only (data-limited runs);
+    ``augment_workers`` CPU processes augment batches ahead of the step (the same pixels).
     """
 
     out: str | None = None
@@ -108,6 +109,7 @@ class TrainOptions(DataOptions):
     no_amp: bool = False
     save_every: int = 0
     eval_every: int = 1
+    augment_workers: int = 0
     train_limit_per_class: int | None = None
     resume: bool = False
     no_progress: bool = False
@@ -116,11 +118,14 @@ class TrainOptions(DataOptions):
         for name in ("epochs", "batch_size", "eval_every"):
             if getattr(self, name) < 1:
                 raise DaqkdError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.augment_workers < 0:
+            raise DaqkdError(f"--augment-workers must be 0 (augment in the training process) or more, got "
+                             f"{self.augment_workers}")
         return TrainConfig(
             epochs=self.epochs, batch_size=self.batch_size, aug=aug, optimizer=self.optimizer, lr=self.lr,
             momentum=self.momentum, weight_decay=self.weight_decay, quant_lr=quant_lr,
             warmup_epochs=self.warmup_epochs, seed=self.seed, save_every=self.save_every,
-            eval_every=self.eval_every, amp=not self.no_amp,
+            eval_every=self.eval_every, amp=not self.no_amp, augment_workers=self.augment_workers,
         )
 
     def load_train_test(self) -> tuple[ImageSet, ImageSet]:
@@ -287,7 +292,7 @@ def data_statistics(data: ImageSet) -> Normalization:
 
 # Options a resumed run takes from the command that resumes it; every other option comes from
 # RUN/config.json, and giving it another value with --resume is an error naming it.
-RESUME_KEEPS = ("resume", "out", "no_progress", "device", "save_every", "eval_every")
+RESUME_KEEPS = ("resume", "out", "no_progress", "device", "save_every", "eval_every", "augment_workers")
 
 
 def prepare_run(options: Options, command: str) -> tuple[Options, Path]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import multiprocessing.context
 import os
 import shlex
 import shutil
@@ -121,14 +122,29 @@ def train_in_process(task: tuple[int, StudentOptions, tuple[ImageSet, ImageSet],
         _device_slots.put(device)
 
 
+class _StudentProcess(multiprocessing.context.SpawnProcess):
+    """A spawned pool worker that is not a daemon: a Pool's workers are, and a daemon may not start
+    the processes a student's ``--augment-workers`` needs. The pool still terminates them."""
+
+    @property
+    def daemon(self) -> bool:
+        return False
+
+    @daemon.setter
+    def daemon(self, value: bool) -> None:
+        pass
+
+
+class _StudentContext(multiprocessing.context.SpawnContext):
+    Process = _StudentProcess
+
+
 def run_in_processes(pending: list[StudentOptions], data: tuple[ImageSet, ImageSet], jobs: int,
                      record: Callable[[StudentOptions, float], None], devices: list[str]) -> None:
     """Train ``pending`` students, ``jobs`` at a time, each in a fresh spawned process (CUDA-safe),
     placed round-robin on ``devices`` (:func:`device_slots`); the images reach the workers through
     shared memory, not a reload per student. On an error or Ctrl-C every worker stops; the finished
     runs and the others' last checkpoints stay."""
-    import torch.multiprocessing as mp
-
     for split in data:
         if isinstance(split.images, torch.Tensor):
             split.images.share_memory_()
@@ -138,9 +154,10 @@ def run_in_processes(pending: list[StudentOptions], data: tuple[ImageSet, ImageS
     threads = max(1, cores // jobs)
     slots = device_slots(devices, jobs)
     placed = ", ".join(f"{slots.count(d)} on {d}" for d in dict.fromkeys(slots))
-    print(f"daqkd sweep: training {len(pending)} students, {jobs} at a time ({placed}), {threads} CPU thread(s) "
+    placed = "" if slots == ["auto"] * jobs else f" ({placed})"
+    print(f"daqkd sweep: training {len(pending)} students, {jobs} at a time{placed}, {threads} CPU thread(s) "
           "each; logs in RUN/train.log", flush=True)
-    context = mp.get_context("spawn")
+    context = _StudentContext()
     free = context.Queue()
     for slot in slots:
         free.put(slot)

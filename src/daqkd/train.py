@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,7 @@ class TrainConfig:
     eval_batch_size: int = 500
     eval_every: int = 1  # test evaluation every N epochs and after the last one
     amp: bool = True  # bf16 autocast for training steps on CUDA (evaluation is always float32)
+    augment_workers: int = 0  # augment batches ahead in this many CPU worker processes (0: in the step's process)
 
 
 def cosine_with_warmup(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
@@ -138,6 +139,30 @@ def evaluate(model: nn.Module, data: ImageSet, device: torch.device, batch_size:
                                if per_class_total[i] > 0 else None)
                            for i, c in enumerate(data.classes)},
     }
+
+
+class AugmentedBatches(torch.utils.data.Dataset):
+    """Batches ``first``, ``first + 1``, ... of an epoch, augmented on the CPU: what a DataLoader's
+    worker processes compute ahead of the training step (``TrainConfig.augment_workers``).
+
+    Batch b is the images ``order[b * batch_size:(b + 1) * batch_size]`` under the generator seeded
+    with (seed, epoch, b), exactly as in the training process: a worker changes where the pixels are
+    computed, not which. Items: (images (B, 3, S, S) uint8, targets (B,) or (B, classes)).
+    """
+
+    def __init__(self, data: ImageSet, candidate: Candidate, order: torch.Tensor, batch_size: int,
+                 seed: int, epoch: int, first: int, steps: int) -> None:
+        self.data, self.candidate, self.order = data, candidate, order
+        self.batch_size, self.seed, self.epoch, self.first, self.steps = batch_size, seed, epoch, first, steps
+
+    def __len__(self) -> int:
+        return self.steps - self.first
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        b = self.first + i
+        idx = self.order[b * self.batch_size:(b + 1) * self.batch_size]
+        generator = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, b))
+        return self.candidate(self.data.take(idx), self.data.labels[idx], generator)
 
 
 def autocast(device: torch.device, enabled: bool = True):
@@ -320,28 +345,31 @@ class Trainer:
         sums, seen = self.epoch_sums, self.epoch_seen
         start = self._epoch_start = time.perf_counter()
         self._epoch_hooks(order)
-        for b in range(self.step_in_epoch, self.steps_per_epoch):
-            idx = order[b * config.batch_size:(b + 1) * config.batch_size]
-            x, targets = self._batch(idx, torch.Generator().manual_seed(mix_seed(config.seed, epoch, b)))
-            if self.world > 1:  # each process takes its share of the global batch
-                x, targets = x[self.rank::self.world], targets[self.rank::self.world]
-            terms = self._step(x, targets)  # means over the global batch
-            self.step_in_epoch = b + 1
-            self.global_step += 1
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v * len(x) * self.world
-            seen += len(x) * self.world
-            self.epoch_seen = seen
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{terms['loss']:.3f}", img_s=f"{seen / (time.perf_counter() - start):.0f}")
-            if self.writer is not None and self.global_step % 50 == 0:
+        batches = self._augmented_batches(order)
+        try:
+            for b in range(self.step_in_epoch, self.steps_per_epoch):
+                x, targets = next(batches)
+                if self.world > 1:  # each process takes its share of the global batch
+                    x, targets = x[self.rank::self.world], targets[self.rank::self.world]
+                terms = self._step(x, targets)  # means over the global batch
+                self.step_in_epoch = b + 1
+                self.global_step += 1
                 for k, v in terms.items():
-                    self.writer.add_scalar(f"train/{k}", v, self.global_step)
-            if config.save_every and self.global_step % config.save_every == 0:
-                self.save_state()
-            if self.on_step is not None:
-                self.on_step(self.global_step)
+                    sums[k] = sums.get(k, 0.0) + v * len(x) * self.world
+                seen += len(x) * self.world
+                self.epoch_seen = seen
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{terms['loss']:.3f}", img_s=f"{seen / (time.perf_counter() - start):.0f}")
+                if self.writer is not None and self.global_step % 50 == 0:
+                    for k, v in terms.items():
+                        self.writer.add_scalar(f"train/{k}", v, self.global_step)
+                if config.save_every and self.global_step % config.save_every == 0:
+                    self.save_state()
+                if self.on_step is not None:
+                    self.on_step(self.global_step)
+        finally:
+            batches.close()  # stops augmentation workers at once on an error or Ctrl-C
         if bar is not None:
             bar.close()
         seconds = self.epoch_seconds + time.perf_counter() - start
@@ -376,6 +404,30 @@ class Trainer:
                   f"({record['images_per_s']:.0f} img/s)", flush=True)
         self.save_state()
         return record
+
+    def _augmented_batches(self, order: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The epoch's batches from ``step_in_epoch`` on, on the device: augmented here, one at a
+        time, or ``augment_workers`` batches ahead in worker processes (:class:`AugmentedBatches`)."""
+        config = self.config
+        if config.augment_workers < 1:
+            for b in range(self.step_in_epoch, self.steps_per_epoch):
+                idx = order[b * config.batch_size:(b + 1) * config.batch_size]
+                yield self._batch(idx, torch.Generator().manual_seed(mix_seed(config.seed, self.epoch, b)))
+            return
+        import multiprocessing
+
+        batches = AugmentedBatches(self.train_data, self.candidate, order, config.batch_size, config.seed,
+                                   self.epoch, self.step_in_epoch, self.steps_per_epoch)
+        # fork shares the cached images with the workers instead of pickling them to each; the
+        # workers compute on CPU tensors only, so a CUDA context in this process is not touched
+        context = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+        loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False,
+                                             num_workers=config.augment_workers, prefetch_factor=2,
+                                             pin_memory=self.device.type == "cuda", multiprocessing_context=context,
+                                             generator=torch.Generator().manual_seed(0))  # not the global RNG
+        for x, targets in loader:
+            yield (x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last),
+                   targets.to(self.device, non_blocking=True))
 
     def _step(self, x: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
         with autocast(self.device, self.config.amp):

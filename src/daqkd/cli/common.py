@@ -55,6 +55,9 @@ def add_optim_args(parser: argparse.ArgumentParser, *, lr: float, optimizer: str
     g.add_argument("--warmup-epochs", type=float, default=0.0, help="linear LR warmup (default %(default)s)")
     g.add_argument("--no-amp", action="store_true",
                    help="train in float32 on CUDA (default: bf16 autocast; quantizers and evaluation are float32)")
+    g.add_argument("--augment-workers", type=int, default=0, metavar="N",
+                   help="augment batches ahead in N CPU worker processes, off the training step's critical path "
+                        "(the same pixels; default 0: in the training process, on its device)")
     g.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps")
     g.add_argument("--eval-every", type=int, default=1, metavar="N",
                    help="evaluate on the test split every N epochs and after the last (default %(default)s)")
