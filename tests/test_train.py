@@ -86,7 +86,7 @@ def test_version_and_no_split_for_training(capsys: pytest.CaptureFixture[str]) -
         assert exit_info.value.code == 2 and "unrecognized arguments: --split" in capsys.readouterr().err
 
 
-def small_trainer(folder: Path, run: Path, epochs: int, quantized: bool, **kw) -> Trainer:
+def small_trainer(folder: Path, run: Path, epochs: int, quantized: bool, method: str = "ewgs", **kw) -> Trainer:
     train = load_image_folder(folder, "train")
     test = load_image_folder(folder, "test")
     norm = parse_normalization("cifar10")
@@ -95,7 +95,7 @@ def small_trainer(folder: Path, run: Path, epochs: int, quantized: bool, **kw) -
     teacher = None
     if quantized:
         teacher = NormalizedModel(create_model("resnet20", train.num_classes), norm)
-        quantize_model(net, QuantConfig("ewgs", 2, 2))
+        quantize_model(net, QuantConfig(method, 2, 2))
     loss = create_loss("kd" if quantized else "none")
     config = TrainConfig(epochs=epochs, batch_size=8, aug="autoaugment-cifar10+cutmix" if quantized else "identity",
                          optimizer="adam", lr=1e-3, quant_lr=1e-3, seed=1, **kw)
@@ -167,6 +167,31 @@ def test_augment_workers_train_the_same_weights_and_resume(tmp_path: Path, tiny_
     for key, value in second.model.state_dict().items():
         assert torch.equal(value, expected[key]), key
     assert [h["train_loss"] for h in second.history] == [h["train_loss"] for h in whole.history]
+
+
+def test_compiled_step_is_one_graph_and_trains_like_eager(tmp_path: Path, tiny_folder: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """--compile traces teacher, student, fake quantizers (forward and backward) and KD loss with
+    fullgraph=True, so a graph break would stop the run; traced with aot_eager (inductor's code
+    generation takes minutes on 2 cores; benchmarks/gpu_throughput.py runs it)."""
+    from torch._dynamo.utils import counters
+
+    import daqkd.train as train_module
+
+    monkeypatch.setattr(train_module, "COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    counters.clear()
+    eager = small_trainer(tiny_folder, tmp_path / "eager", epochs=1, quantized=True)
+    eager.fit()
+    assert not counters["stats"]["unique_graphs"]
+    compiled = small_trainer(tiny_folder, tmp_path / "compiled", epochs=1, quantized=True, compile=True)
+    compiled.fit()
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]  # one graph, reused 4 steps
+    # a float ulp in a fused sum can move a 2-bit activation one level: close, not identical
+    assert compiled.history[0]["train_loss"] == pytest.approx(eager.history[0]["train_loss"], rel=1e-4)
+    expected = eager.model.state_dict()
+    for key, value in compiled.model.state_dict().items():
+        torch.testing.assert_close(value.float(), expected[key].float(), rtol=1e-3, atol=1e-3, msg=key)
 
 
 def _log(run: Path) -> list[dict]:

@@ -94,7 +94,8 @@ class TrainOptions(DataOptions):
 
     Schedules are cosine to 0 after ``warmup_epochs``; ``eval_every`` tests every N epochs and
     after the last; ``train_limit_per_class`` limits the train split only (data-limited runs);
-    ``augment_workers`` CPU processes augment batches ahead of the step (the same pixels).
+    ``augment_workers`` CPU processes augment batches ahead of the step (the same pixels);
+    ``compile`` runs the step's forward and backward as compiled graphs (no graph breaks).
     """
 
     out: str | None = None
@@ -110,6 +111,7 @@ class TrainOptions(DataOptions):
     save_every: int = 0
     eval_every: int = 1
     augment_workers: int = 0
+    compile: bool = False
     train_limit_per_class: int | None = None
     resume: bool = False
     no_progress: bool = False
@@ -126,6 +128,7 @@ class TrainOptions(DataOptions):
             momentum=self.momentum, weight_decay=self.weight_decay, quant_lr=quant_lr,
             warmup_epochs=self.warmup_epochs, seed=self.seed, save_every=self.save_every,
             eval_every=self.eval_every, amp=not self.no_amp, augment_workers=self.augment_workers,
+            compile=self.compile,
         )
 
     def load_train_test(self) -> tuple[ImageSet, ImageSet]:
@@ -292,7 +295,7 @@ def data_statistics(data: ImageSet) -> Normalization:
 
 # Options a resumed run takes from the command that resumes it; every other option comes from
 # RUN/config.json, and giving it another value with --resume is an error naming it.
-RESUME_KEEPS = ("resume", "out", "no_progress", "device", "save_every", "eval_every", "augment_workers")
+RESUME_KEEPS = ("resume", "out", "no_progress", "device", "save_every", "eval_every", "augment_workers", "compile")
 
 
 def prepare_run(options: Options, command: str) -> tuple[Options, Path]:

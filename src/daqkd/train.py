@@ -51,6 +51,7 @@ class TrainConfig:
     eval_every: int = 1  # test evaluation every N epochs and after the last one
     amp: bool = True  # bf16 autocast for training steps on CUDA (evaluation is always float32)
     augment_workers: int = 0  # augment batches ahead in this many CPU worker processes (0: in the step's process)
+    compile: bool = False  # the step's forward and backward as one torch.compile graph each (fullgraph)
 
 
 def cosine_with_warmup(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
@@ -165,6 +166,31 @@ class AugmentedBatches(torch.utils.data.Dataset):
         return self.candidate(self.data.take(idx), self.data.labels[idx], generator)
 
 
+# torch.compile's backend for --compile; tests trace with "aot_eager" (the same graphs, run by ATen)
+# because inductor's code generation takes minutes on a 2-core CPU.
+COMPILE_BACKEND = "inductor"
+
+
+def compile_step(task: DistillTask, device: torch.device) -> Callable[[torch.Tensor, torch.Tensor],
+                                                                     dict[str, torch.Tensor]]:
+    """The training step's forward (teacher, student with its fake quantizers, loss) compiled as one
+    graph, and through AOTAutograd its backward as another; on CUDA replayed as CUDA graphs
+    ("reduce-overhead"). ``fullgraph``: a graph break is an error naming the fix, not a silent
+    slowdown. The optimizer step stays eager (its LR changes every step)."""
+    mode = "reduce-overhead" if device.type == "cuda" and COMPILE_BACKEND == "inductor" else None
+    compiled = torch.compile(task.__call__, fullgraph=True, backend=COMPILE_BACKEND, mode=mode)
+
+    def step(x: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        try:
+            return compiled(x, targets)
+        except torch._dynamo.exc.Unsupported as exc:
+            reason = str(exc).strip().splitlines()[0]
+            raise DaqkdError(f"--compile: the training step does not compile as one graph ({reason}); run without "
+                             "--compile") from exc
+
+    return step
+
+
 def autocast(device: torch.device, enabled: bool = True):
     """bf16 autocast on CUDA when ``enabled``, nothing on CPU (bf16 is slow on CPUs without
     AMX/AVX512-BF16). The quantizers compute in float32 inside it (quant.base.Quantizer)."""
@@ -224,6 +250,9 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.forward_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.task = DistillTask(self.loss, self.model, self.teacher, self.forward_model)
+        self.forward_step: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]] = self.task
+        if self.config.compile:
+            self.forward_step = compile_step(self.task, self.device)
         self.writer = None
         self._epoch_start: float | None = None
 
@@ -431,7 +460,7 @@ class Trainer:
 
     def _step(self, x: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
         with autocast(self.device, self.config.amp):
-            terms = self.task(x, targets)
+            terms = self.forward_step(x, targets)
         loss = terms["loss"]
         # every process sees the global batch's terms (equal shares: the mean of the shards' means),
         # so all of them stop together on a non-finite loss instead of one waiting in the next all-reduce

@@ -58,6 +58,9 @@ def add_optim_args(parser: argparse.ArgumentParser, *, lr: float, optimizer: str
     g.add_argument("--augment-workers", type=int, default=0, metavar="N",
                    help="augment batches ahead in N CPU worker processes, off the training step's critical path "
                         "(the same pixels; default 0: in the training process, on its device)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the training step's forward and backward, each as one graph (CUDA graphs on "
+                        "a GPU); pays off on a GPU, costs minutes of compilation on a CPU")
     g.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps")
     g.add_argument("--eval-every", type=int, default=1, metavar="N",
                    help="evaluate on the test split every N epochs and after the last (default %(default)s)")

@@ -108,8 +108,9 @@ def pass_between(
 
     On CPU via hardtanh_backward, a float kernel: boolean masks and ``where`` run ~7x slower there
     (5.6 vs 0.75 ms for 2M elements on 2 cores), and this mask is most of a quantizer's backward.
+    A compiled step takes the mask, which it fuses (the bounds' float() would break its graph).
     """
-    if x.device.type == "cpu":
+    if x.device.type == "cpu" and not torch.compiler.is_compiling():
         inf = float("inf")
         return torch.ops.aten.hardtanh_backward(
             grad, x, _cpu_bound(low, x.dtype, -inf), _cpu_bound(high, x.dtype, inf))
@@ -118,7 +119,7 @@ def pass_between(
 
 def sum_beyond(grad: torch.Tensor, x: torch.Tensor, bound: torch.Tensor, above: bool) -> torch.Tensor:
     """sum(grad where x > bound) (above) or sum(grad where x < bound), as a 0-d tensor."""
-    if x.device.type == "cpu":
+    if x.device.type == "cpu" and not torch.compiler.is_compiling():
         inf, b = float("inf"), float(bound)
         kept = (b, inf) if above else (-inf, b)
         return torch.ops.aten.hardtanh_backward(grad, x, *kept).sum()

@@ -34,8 +34,10 @@ def set_fused_kernels(mode: str) -> None:
 
 
 def use_fused(x: torch.Tensor) -> bool:
-    """Whether the compiled kernels handle ``x``."""
-    return _state["mode"] != "0" and not _state["failed"] and x.numel() >= MIN_ELEMENTS
+    """Whether the compiled kernels handle ``x``: not inside a compiled training step, which fuses
+    the quantizer's eager formula with its neighbours itself."""
+    return (_state["mode"] != "0" and not _state["failed"] and x.numel() >= MIN_ELEMENTS
+            and not torch.compiler.is_compiling())
 
 
 def run_fused(kernel: Callable[..., Any], *args: Any) -> Any:
