@@ -246,7 +246,7 @@ class Trainer:
         self._calibrate()
         self.optimizers = build_optimizers(self.model, self.config, self.steps_per_epoch)
         self.forward_model = self.model
-        if self.world > 1:
+        if dist.is_initialized():  # also a group of one (torchrun --nproc_per_node 1): the same DDP code path
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.forward_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.task = DistillTask(self.loss, self.model, self.teacher, self.forward_model)
