@@ -67,8 +67,10 @@ sweep=$out/sweep
 mkdir -p "$sweep"
 [ -n "${RESUME_FROM:-}" ] && tar -C "$sweep" -xzf "$RESUME_FROM"  # the last window's sweep.tar.gz
 [ -f "$sweep/rank.json" ] || cp "$repo/benchmarks/results/cifar10-resnet20-w3a3/rank.json" "$sweep/"
+sweep_seconds=$(( $(left) - 30 ))  # 30 s to pack the results
+if [ "$sweep_seconds" -lt 60 ]; then echo "no time left for the sweep"; exit 0; fi
 # shellcheck disable=SC2086  # $faster is a list of options
-timeout --signal=INT $(( $(left) - 30 )) python3 -m daqkd sweep --data "$data" --teacher "$teacher" --device "$device" \
+timeout --signal=INT -k 20 "$sweep_seconds" python3 -m daqkd sweep --data "$data" --teacher "$teacher" --device "$device" \
   --method ewgs --w-bits 3 --a-bits 3 --kd kd --gamma 1 --alpha 2 --temperature 4 \
   --augs none+cutmix,autoaugment-cifar10+cutmix,autoaugment-imagenet+cutmix,autoaugment-svhn+cutmix,randaugment+cutmix,trivialaugment+cutmix,augmix+cutmix,randomerasing+cutmix \
   --epochs "$epochs" --seed 0 --jobs 9 --save-every 200 --no-progress $faster --out "$sweep" ${LIMIT:+--limit-per-class $LIMIT} \

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -149,3 +150,34 @@ def test_batch_must_split_evenly(tiny_folder: Path, tmp_path: Path) -> None:
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
     assert result.returncode != 0
     assert "daqkd: error: --batch-size 9 does not split evenly into 2 processes: use a multiple of 2" in result.stderr
+
+
+def test_a_torchrun_group_of_one_takes_the_ddp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchrun --nproc_per_node 1 joins a process group of one, so its training step is DDP's, the
+    code path of several processes (benchmarks/gpu_issue16.sh compares it with a plain run on a GPU)."""
+    import socket
+
+    import torch.distributed as dist
+
+    from daqkd.runtime import init_distributed
+
+    from .conftest import make_image_folder
+    from .test_train import small_trainer
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(name, value)
+    assert init_distributed() == (0, 1)
+    try:
+        folder = make_image_folder(tmp_path / "d", classes=2, per_class=8)
+        trainer = small_trainer(folder, tmp_path / "run", epochs=1, quantized=False)
+        assert isinstance(trainer.forward_model, torch.nn.parallel.DistributedDataParallel)
+        trainer.fit()
+        assert math.isfinite(trainer.history[-1]["train_loss"])
+    finally:
+        dist.destroy_process_group()
+    monkeypatch.delenv("RANK")
+    assert init_distributed() == (0, 1) and not dist.is_initialized()  # a plain process joins nothing

@@ -222,8 +222,8 @@ def test_sweep_jobs_and_shards_train_the_same_students(tmp_path: Path, tiny_fold
     finally:
         torch.set_num_threads(threads)
     # --jobs defaults to one per device; pool workers may start augmentation workers of their own
-    assert main([*common, "--devices", "cpu,cpu", "--augment-workers", "1", "--out", str(tmp_path / "parallel")]) == 0
-    assert "2 at a time (2 on cpu)" in capsys.readouterr().out
+    assert main([*common, "--devices", "cpu,cpu:0", "--augment-workers", "1", "--out", str(tmp_path / "parallel")]) == 0
+    assert "2 at a time (1 on cpu, 1 on cpu:0)" in capsys.readouterr().out
     serial = json.loads((tmp_path / "serial" / "results.json").read_text())
     for other in ("parallel", "shards"):
         runs = {r["aug"]: r for r in json.loads((tmp_path / other / "results.json").read_text())["runs"]}
@@ -235,8 +235,36 @@ def test_sweep_jobs_and_shards_train_the_same_students(tmp_path: Path, tiny_fold
             assert [h["train_loss"] for h in history] == [h["train_loss"] for h in reference], other
     for run in serial["runs"]:
         assert "epoch 2/2" in (tmp_path / "parallel" / run["run"] / "train.log").read_text()
-        # the device slot the worker took, not the sweep's --device auto
-        assert json.loads((tmp_path / "parallel" / run["run"] / "config.json").read_text())["args"]["device"] == "cpu"
+        # a device slot the worker took (which one depends on which worker started first)
+        config = json.loads((tmp_path / "parallel" / run["run"] / "config.json").read_text())
+        assert config["args"]["device"] in ("cpu", "cpu:0")
+
+
+def test_a_worker_trains_on_a_free_slot_and_gives_it_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import queue
+
+    from daqkd import sweep_runner
+    from daqkd.api import StudentOptions
+
+    slots: queue.Queue[str] = queue.Queue()
+    slots.put("cpu:0")
+    monkeypatch.setattr(sweep_runner, "_device_slots", slots)
+    placed: list[str] = []
+    monkeypatch.setattr(sweep_runner, "train_student", lambda options, data: placed.append(options.device))
+    threads = torch.get_num_threads()
+    try:
+        index, _, error = sweep_runner.train_in_process((3, StudentOptions(out=str(tmp_path / "a")), None, 1))
+        assert (index, error, placed) == (3, "", ["cpu:0"]) and slots.get_nowait() == "cpu:0"
+        slots.put("cpu:0")
+
+        def fail(options: StudentOptions, data: object) -> None:
+            raise ValueError("boom")
+
+        monkeypatch.setattr(sweep_runner, "train_student", fail)
+        _, _, error = sweep_runner.train_in_process((4, StudentOptions(out=str(tmp_path / "b")), None, 1))
+        assert error == "ValueError: boom" and slots.get_nowait() == "cpu:0"  # given back after a failure too
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_device_slots_are_round_robin() -> None:
@@ -250,6 +278,7 @@ def test_device_slots_are_round_robin() -> None:
     (["--devices", "cpu,cpu", "--jobs", "1"], "--jobs 1 would leave devices of --devices cpu,cpu idle"),
     (["--devices", "cpu", "--device", "cpu"], "pass either --device (one device) or --devices"),
     (["--devices", "cpu,,cpu"], "list devices or CUDA indices separated by commas"),
+    (["--devices", "gpu0"], "--devices gpu0: 'gpu0' is not a device: use CUDA indices (0,1), cuda:N or cpu"),
     (["--devices", "cuda:99"], "--devices cuda:99: cuda:99: "),  # no CUDA here, or fewer than 100 devices
     (["--shard", "2/2"], "--shard '2/2': give K/N with 0 <= K < N"),
     (["--shard", "1"], "--shard '1': give K/N"),

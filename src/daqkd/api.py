@@ -295,7 +295,7 @@ def data_statistics(data: ImageSet) -> Normalization:
 
 # Options a resumed run takes from the command that resumes it; every other option comes from
 # RUN/config.json, and giving it another value with --resume is an error naming it.
-RESUME_KEEPS = ("resume", "out", "no_progress", "device", "save_every", "eval_every", "augment_workers", "compile")
+RESUME_KEEPS = ("resume", "out", "no_progress", "device", "save_every", "eval_every", "augment_workers")
 
 
 def prepare_run(options: Options, command: str) -> tuple[Options, Path]:

@@ -42,10 +42,15 @@ def mix_seed(*parts: int) -> int:
     return state >> 1
 
 
+def launched_by_torchrun() -> bool:
+    """Whether torchrun (or another launcher setting its variables) started this process."""
+    return "RANK" in os.environ and "MASTER_ADDR" in os.environ
+
+
 def init_distributed() -> tuple[int, int]:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1); (rank, world size)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
+    """Join the process group when launched by torchrun, also as a group of one (the same DDP code
+    path as several processes); (rank, world size)."""
+    if launched_by_torchrun() and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend)
     if dist.is_available() and dist.is_initialized():

@@ -41,7 +41,7 @@ from .rundir import (
     write_json_atomic,
     write_text_atomic,
 )
-from .runtime import init_distributed, is_main_process, select_device
+from .runtime import init_distributed, is_main_process, launched_by_torchrun, select_device
 from .sweep import _pct, analyze, report_markdown, scatter_plot
 
 
@@ -59,6 +59,11 @@ def parse_devices(devices: str | None, device: str) -> list[str]:
         raise DaqkdError(f"--devices {devices!r}: list devices or CUDA indices separated by commas, e.g. 0,1")
     parsed = [f"cuda:{name}" if name.isdigit() else name for name in names]
     for name in parsed:
+        try:
+            torch.device(name)
+        except RuntimeError as exc:
+            raise DaqkdError(f"--devices {devices}: {name!r} is not a device: use CUDA indices (0,1), cuda:N or "
+                             "cpu") from exc
         try:
             select_device(name)
         except DaqkdError as exc:
@@ -110,6 +115,8 @@ def train_in_process(task: tuple[int, StudentOptions, tuple[ImageSet, ImageSet],
     # returns, so this never waits
     device = _device_slots.get()
     try:
+        if device.startswith("cuda:"):  # else CUDA side work (pinned memory, caching) lands on GPU 0
+            torch.cuda.set_device(device)
         run_args = dataclasses.replace(run_args, no_progress=True, device=device)
         with open(run / TRAIN_LOG, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             try:
@@ -151,7 +158,8 @@ def run_in_processes(pending: list[StudentOptions], data: tuple[ImageSet, ImageS
         split.labels.share_memory_()
     jobs = min(jobs, len(pending))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = max(1, cores // jobs)
+    augment_workers = max(run_args.augment_workers for run_args in pending)
+    threads = max(1, (cores - jobs * augment_workers) // jobs)  # the students' augmentation workers take a core each
     slots = device_slots(devices, jobs)
     placed = ", ".join(f"{slots.count(d)} on {d}" for d in dict.fromkeys(slots))
     placed = "" if slots == ["auto"] * jobs else f" ({placed})"
@@ -189,7 +197,7 @@ COMPARED_OPTIONS = ("teacher", "teacher_arch", "normalize", "arch", "init", "met
                     "per_channel", "first_last", "ewgs_delta", "kd", "gamma", "alpha", "temperature", "beta",
                     "kd_layers", "quant_lr",
                     "data", "dataset", "limit_per_class", "train_limit_per_class", "epochs", "batch_size",
-                    "optimizer", "lr", "momentum", "weight_decay", "warmup_epochs", "no_amp")
+                    "optimizer", "lr", "momentum", "weight_decay", "warmup_epochs", "no_amp", "compile")
 PATH_OPTIONS = ("teacher", "init", "data")
 DEFAULT_DA = "none"
 
@@ -334,7 +342,7 @@ def run_sweep(args: SweepOptions) -> dict[str, Any]:
     if jobs < len(devices):
         raise DaqkdError(f"--jobs {jobs} would leave devices of --devices {args.devices} idle: use --jobs "
                          f"{len(devices)} or more (students per device at once = jobs / devices)")
-    if (jobs > 1 or args.devices) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if (jobs > 1 or args.devices) and launched_by_torchrun():
         raise DaqkdError("--jobs and --devices train students side by side on one machine: use them without "
                          "torchrun (one sweep per node: --shard K/N)")
     shard_index, shard_count = parse_shard(args.shard)
@@ -386,9 +394,13 @@ def run_sweep(args: SweepOptions) -> dict[str, Any]:
 
     results = finished_runs()
     finished = {(r["aug"], r["seed"]) for r in results}
-    students = [(aug, seed) for seed in seeds for aug in ordered]
+    # shards split an order that every node derives alike, whatever its ranking (a node that ranked on
+    # other hardware may order near-ties differently); each trains its own students best-ranked first
+    mine = {(aug, seed) for seed in seeds for aug in sorted(ordered)}
+    mine = set(sorted(mine, key=lambda s: (s[1], s[0]))[shard_index::shard_count])
+    students = [(aug, seed) for seed in seeds for aug in ordered if (aug, seed) in mine]
     pending: list[StudentOptions] = []
-    for aug, seed in students[shard_index::shard_count]:  # the same order on every node: disjoint shards
+    for aug, seed in students:
         if (aug, seed) in finished:
             continue
         run = out / "runs" / run_name(aug, seed)
@@ -398,8 +410,8 @@ def run_sweep(args: SweepOptions) -> dict[str, Any]:
             shutil.rmtree(run)  # a partial run without its resume state: start it afresh
         pending.append(run_args)
     if main and args.shard is not None:
-        print(f"daqkd sweep: shard {shard_index}/{shard_count}: {len(pending)} of its "
-              f"{len(students[shard_index::shard_count])} students to train", flush=True)
+        print(f"daqkd sweep: shard {shard_index}/{shard_count}: {len(pending)} of its {len(students)} students "
+              "to train", flush=True)
     if main and results:
         outputs.publish(results, total)
 
@@ -431,4 +443,7 @@ def run_sweep(args: SweepOptions) -> dict[str, Any]:
         if len(results) < total:
             print(f"{total - len(results)} of {total} runs are not finished (other shards?): when they are, "
                   f"`daqkd sweep --report-only --out {out}` rebuilds the whole report")
+        elif args.shard is not None:  # another shard finishing at the same moment may have published last
+            print(f"all {total} runs are finished; `daqkd sweep --report-only --out {out}` once every shard has "
+                  "stopped gives the final report")
     return analysis
