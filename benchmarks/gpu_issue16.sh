@@ -38,7 +38,8 @@ timeout 90 python3 -m daqkd train "${ddp[@]}" --out "$out/ddp-plain" > "$out/ddp
 rm -f "$out"/ddp-*/*.safetensors "$out"/ddp-*/state.pt
 
 echo "== 1. throughput, plain and compiled with augmentation workers ($images images, 2 epochs, 9 students)"
-tp=(python3 "$repo/benchmarks/gpu_throughput.py" --data "$data" --device "$device" --images "$images" --epochs 2 --jobs 9)
+tp=(python3 "$repo/benchmarks/gpu_throughput.py" --data "$data" --teacher "$teacher" --device "$device" --images "$images"
+  --epochs 2 --jobs 9)
 timeout 120 "${tp[@]}" 2> "$out/throughput-plain.err" | tail -1 | tee "$out/throughput-plain.json" || true
 timeout 200 "${tp[@]}" --compile --augment-workers 1 2> "$out/throughput-compiled.err" | tail -1 \
   | tee "$out/throughput-compiled.json" || true

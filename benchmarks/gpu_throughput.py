@@ -94,7 +94,8 @@ def train_one(task: tuple[StudentOptions, tuple[ImageSet, ImageSet], int]) -> tu
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(DATA))
-    parser.add_argument("--teacher", default=str(WEIGHTS), help="published CIFAR-10 ResNet-20 weights (imagenet norm.)")
+    parser.add_argument("--teacher", default=str(WEIGHTS),
+                        help="a daqkd run or checkpoint, or published CIFAR-10 ResNet-20 weights (imagenet statistics)")
     parser.add_argument("--augs", default=DEFAULT_AUGS, help="the paper's 8 DAs with CutMix and the default none")
     parser.add_argument("--images", type=int, default=50_000, help="train images per epoch (the first per class)")
     parser.add_argument("--epochs", type=int, default=2, help="the last one is timed")
@@ -120,12 +121,14 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     jobs = min(args.jobs, len(augs))
     threads = max(1, (cores - jobs * args.augment_workers) // jobs)
+    daqkd_teacher = Path(args.teacher).is_dir() or args.teacher.endswith(".safetensors")  # carries its metadata
+    published = {} if daqkd_teacher else {"arch": "resnet20", "normalize": "imagenet"}
     with tempfile.TemporaryDirectory() as tmp:
         tasks = [(StudentOptions(
             data=args.data, device=args.device, out=str(Path(tmp) / aug), epochs=args.epochs,
             batch_size=args.batch_size, aug=aug, optimizer="adam", lr=1e-3, weight_decay=5e-4,
             eval_every=args.epochs, augment_workers=args.augment_workers, compile=args.compile,
-            teacher=args.teacher, arch="resnet20", normalize="imagenet", method=args.method,
+            teacher=args.teacher, **published, method=args.method,
             w_bits=args.bits, a_bits=args.bits, no_progress=True), (train, test), threads) for aug in augs]
         if jobs == 1:
             finished = [train_one(task) for task in tasks]
