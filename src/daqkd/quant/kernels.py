@@ -14,6 +14,7 @@ are raised).
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from collections.abc import Callable
@@ -54,7 +55,19 @@ def run_fused(kernel: Callable[..., Any], *args: Any) -> Any:
 
 
 def _compile(fn: Callable[..., Any]) -> Callable[..., Any]:
-    return torch.compile(fn, dynamic=True)
+    """``torch.compile(fn, dynamic=True)``, created at the first call: creating it imports Inductor
+    (~1.5 s per process on CPU), which runs that never use the kernels (rank, eval, export, every
+    torchrun worker's start) should not pay."""
+    compiled: Callable[..., Any] | None = None
+
+    @functools.wraps(fn)
+    def call(*args: Any) -> Any:
+        nonlocal compiled
+        if compiled is None:
+            compiled = torch.compile(fn, dynamic=True)
+        return compiled(*args)
+
+    return call
 
 
 @_compile
