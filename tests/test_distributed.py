@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -24,11 +25,7 @@ def test_two_processes_match_one(tiny_folder: Path, tiny_teacher: Path, tmp_path
     args = ["--data", str(tiny_folder), "--weights", str(tiny_teacher), "--augs", "none,trivialaugment+cutmix",
             "--batch-size", "8", "--variance-group", "4", "--seed", "5"]
     single = run_rank(args, tmp_path / "one.json")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           "-m", "daqkd.cli", "rank", *args, "--no-progress", "--out", str(tmp_path / "two.json")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    torchrun(["rank", *args, "--no-progress", "--out", str(tmp_path / "two.json")])
     double = json.loads((tmp_path / "two.json").read_text())
     assert double["images"] == single["images"]
     one = {c["name"]: c for c in single["candidates"]}
@@ -41,17 +38,34 @@ def test_two_processes_match_one(tiny_folder: Path, tiny_teacher: Path, tmp_path
 
 # --- training under torchrun ---------------------------------------------------------------------
 
-def torchrun(args: list[str], port: int, processes: int = 2, popen: bool = False):
-    """``torchrun --nproc_per_node N -m daqkd.cli ARGS`` on CPU (gloo), one thread per process, eager
-    quantizer kernels like the test process (conftest)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "DAQKD_FUSED_KERNELS": "0"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-           "--master_port", str(port), "-m", "daqkd.cli", *args]
-    if popen:
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "DAQKD_FUSED_KERNELS": "0"}
+"""One thread per process, eager quantizer kernels like the test process (conftest)."""
+
+
+def torchrun(args: list[str], processes: int = 2) -> None:
+    """``torchrun --standalone --nproc_per_node N -m daqkd.cli ARGS`` on CPU (gloo), the agent run in
+    this process by torchrun's own entry point (``torch.distributed.run.main``, what the ``torchrun``
+    script calls): the workers are separate processes as always, and the agent's own interpreter
+    start (~4 s of importing torch on 2 cores) is saved. The agent installs signal handlers, which
+    are put back afterwards; a failing worker raises ChildFailedError here."""
+    from torch.distributed.run import main as torchrun_main
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)}
+    try:
+        with mock.patch.dict(os.environ, WORKER_ENV):
+            torchrun_main(["--standalone", "--nproc_per_node", str(processes), "-m", "daqkd.cli", *args])
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+
+
+def torchrun_process(args: list[str], processes: int = 2) -> subprocess.Popen:
+    """The ``torchrun`` command as a process of its own (a session leader, so that a test can kill the
+    agent and its workers together, as a lost node or a scheduler does)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+           "-m", "daqkd.cli", *args]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **WORKER_ENV},
+                            start_new_session=True)
 
 
 def weights(run: Path, name: str = "last.safetensors") -> dict[str, torch.Tensor]:
@@ -77,7 +91,8 @@ TEACHER = ["teacher", "--arch", "resnet20", "--batch-size", "12", "--lr", "0.02"
            "--train-limit-per-class", "4", "--epochs", "10"]
 
 
-def test_two_training_processes_match_one_and_resume_after_a_kill(tiny_folder: Path, tmp_path: Path) -> None:
+def test_two_training_processes_match_one_and_resume_after_a_kill(tiny_folder: Path, tmp_path: Path,
+                                                                    capfd: pytest.CaptureFixture[str]) -> None:
     """A teacher (CutMix on the global batch) trained by 2 processes under torchrun ends where one
     process ends, and a 2-process run killed (SIGKILL to the whole process group) after its second
     epoch and resumed with `torchrun ... --resume --out RUN` ends exactly where the uninterrupted
@@ -92,13 +107,14 @@ def test_two_training_processes_match_one_and_resume_after_a_kill(tiny_folder: P
     data = ["--data", str(tiny_folder)]
     one, two, killed = tmp_path / "one", tmp_path / "two", tmp_path / "killed"
     assert main([*TEACHER, *data, "--out", str(one)]) == 0
-    proc = torchrun([*TEACHER, *data, "--out", str(two)], port=29541)
-    assert proc.stdout.count("epoch 10/10") == 1  # rank 0 prints, rank 1 does not
+    capfd.readouterr()
+    torchrun([*TEACHER, *data, "--out", str(two)])
+    assert capfd.readouterr().out.count("epoch 10/10") == 1  # rank 0 prints, rank 1 does not
     assert_close(weights(two), weights(one), atol=0.3)
     for a, b in zip(history(two), history(one), strict=True):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=0.02) and a["epoch"] == b["epoch"]
 
-    run = torchrun([*TEACHER, *data, "--out", str(killed)], port=29543, popen=True)
+    run = torchrun_process([*TEACHER, *data, "--out", str(killed)])
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         log = killed / "metrics.jsonl"
@@ -109,7 +125,7 @@ def test_two_training_processes_match_one_and_resume_after_a_kill(tiny_folder: P
     os.killpg(run.pid, signal.SIGKILL)
     run.wait()
     assert 2 <= len(history(killed)) < 10, "the kill came too late to test a resume"
-    torchrun(["teacher", "--resume", "--out", str(killed)], port=29544)
+    torchrun(["teacher", "--resume", "--out", str(killed)])
     timing = ("seconds", "images_per_s")
     assert [{k: v for k, v in h.items() if k not in timing} for h in history(killed)] == \
         [{k: v for k, v in h.items() if k not in timing} for h in history(two)]
@@ -134,7 +150,7 @@ def test_a_student_under_torchrun_sees_the_global_batch(tiny_folder: Path, tmp_p
                "--kd", "kd", "--aug", "randaugment+cutmix", "--epochs", "1", "--batch-size", "12", "--seed", "1",
                "--train-limit-per-class", "4", "--no-progress"]
     assert main([*student, "--out", str(tmp_path / "s1")]) == 0
-    torchrun([*student, "--out", str(tmp_path / "s2")], port=29542)
+    torchrun([*student, "--out", str(tmp_path / "s2")])
     (single,), (double,) = history(tmp_path / "s1"), history(tmp_path / "s2")
     for term in ("train_loss", "train_ce", "train_kd"):
         assert double[term] == pytest.approx(single[term], rel=1e-5), term
@@ -142,14 +158,20 @@ def test_a_student_under_torchrun_sees_the_global_batch(tiny_folder: Path, tmp_p
     assert double["test_loss"] == pytest.approx(single["test_loss"], rel=1e-3)
 
 
-def test_batch_must_split_evenly(tiny_folder: Path, tmp_path: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29545",
-           "-m", "daqkd.cli", *TEACHER[:3], "--batch-size", "9", "--epochs", "1", "--data", str(tiny_folder),
-           "--out", str(tmp_path / "odd"), "--no-progress"]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
-    assert result.returncode != 0
-    assert "daqkd: error: --batch-size 9 does not split evenly into 2 processes: use a multiple of 2" in result.stderr
+def test_batch_must_split_evenly(tiny_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """A batch that 2 processes cannot share is one error line and exit 2 (the process group is
+    faked: each rank of a real torchrun run takes this same path before its first collective)."""
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    assert main([*TEACHER[:3], "--batch-size", "9", "--epochs", "1", "--data", str(tiny_folder),
+                 "--out", str(tmp_path / "odd"), "--no-progress"]) == 2
+    assert capsys.readouterr().err == \
+        "daqkd: error: --batch-size 9 does not split evenly into 2 processes: use a multiple of 2 " \
+        "(each process takes the same share of every batch)\n"
 
 
 def test_a_torchrun_group_of_one_takes_the_ddp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
