@@ -112,7 +112,13 @@ def test_loss_falls_when_overfitting_64_images(tmp_path: Path) -> None:
     assert trainer.history[-1]["test_top1"] > 50
 
 
-def test_killed_run_resumes_to_the_same_weights(tmp_path: Path, tiny_folder: Path) -> None:
+@pytest.mark.parametrize("augment_workers", [0, 2], ids=["in-process", "augment-workers"])
+def test_killed_run_resumes_to_the_same_weights(tmp_path: Path, tiny_folder: Path, augment_workers: int) -> None:
+    """A run killed mid-epoch and resumed ends with the uninterrupted run's weights and log, to the bit.
+    With 2 augment workers (1 thread each, batches augmented ahead) the killed and the resumed runs
+    are compared with the uninterrupted in-process run: the workers' batches are the process's own."""
+    import multiprocessing
+
     whole = small_trainer(tiny_folder, tmp_path / "whole", epochs=2, quantized=True, save_every=3)
     whole.fit()
 
@@ -123,11 +129,16 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path: Path, tiny_folder: Pat
         if step == 6:  # just after the checkpoint of step 6, mid-epoch 2 (4 steps per epoch)
             raise Killed
 
-    first = small_trainer(tiny_folder, tmp_path / "killed", epochs=2, quantized=True, save_every=3)
+    def trainer() -> Trainer:
+        return small_trainer(tiny_folder, tmp_path / "killed", epochs=2, quantized=True, save_every=3,
+                             augment_workers=augment_workers)
+
+    first = trainer()
     first.on_step = kill_at
     with pytest.raises(Killed):
         first.fit()
-    second = small_trainer(tiny_folder, tmp_path / "killed", epochs=2, quantized=True, save_every=3)
+    assert not multiprocessing.active_children()  # augment workers stop with the run
+    second = trainer()
     assert second.resume() and (second.epoch, second.step_in_epoch) == (1, 2)
     second.fit()
     expected = whole.model.state_dict()
@@ -136,37 +147,6 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path: Path, tiny_folder: Pat
     assert [h["test_top1"] for h in second.history] == [h["test_top1"] for h in whole.history]
     # the log equals the uninterrupted one, train loss of the resumed epoch included (timings aside)
     assert _log(tmp_path / "killed") == _log(tmp_path / "whole")
-
-
-def test_augment_workers_train_the_same_weights_and_resume(tmp_path: Path, tiny_folder: Path) -> None:
-    """Batches augmented ahead in 2 worker processes (1 thread each) are the training process's
-    own: the same weights to the bit, also for a run killed mid-epoch and resumed with workers."""
-    import multiprocessing
-
-    whole = small_trainer(tiny_folder, tmp_path / "whole", epochs=2, quantized=True, save_every=3)
-    whole.fit()
-
-    class Killed(Exception):
-        pass
-
-    def kill_at(step: int) -> None:
-        if step == 6:
-            raise Killed
-
-    first = small_trainer(tiny_folder, tmp_path / "workers", epochs=2, quantized=True, save_every=3,
-                          augment_workers=2)
-    first.on_step = kill_at
-    with pytest.raises(Killed):
-        first.fit()
-    assert not multiprocessing.active_children()  # the workers stopped with the run
-    second = small_trainer(tiny_folder, tmp_path / "workers", epochs=2, quantized=True, save_every=3,
-                           augment_workers=2)
-    assert second.resume() and (second.epoch, second.step_in_epoch) == (1, 2)
-    second.fit()
-    expected = whole.model.state_dict()
-    for key, value in second.model.state_dict().items():
-        assert torch.equal(value, expected[key]), key
-    assert [h["train_loss"] for h in second.history] == [h["train_loss"] for h in whole.history]
 
 
 def test_compiled_step_is_one_graph_and_trains_like_eager(tmp_path: Path, tiny_folder: Path,
