@@ -176,11 +176,14 @@ def test_batch_must_split_evenly(tiny_folder: Path, tmp_path: Path, monkeypatch:
 
 def test_a_torchrun_group_of_one_takes_the_ddp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """torchrun --nproc_per_node 1 joins a process group of one, so its training step is DDP's, the
-    code path of several processes (benchmarks/gpu_issue16.sh compares it with a plain run on a GPU)."""
+    code path of several processes (benchmarks/gpu_issue16.sh compares it with a plain run on a GPU).
+    --compile works there too: DDP's forward stays eager and the student's graphs are split at its
+    gradient buckets (DDPOptimizer), traced here with aot_eager (see test_train), same weights."""
     import socket
 
     import torch.distributed as dist
 
+    import daqkd.train as train_module
     from daqkd.runtime import init_distributed
 
     from .conftest import make_image_folder
@@ -192,14 +195,22 @@ def test_a_torchrun_group_of_one_takes_the_ddp_path(tmp_path: Path, monkeypatch:
     for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                         "MASTER_PORT": str(port)}.items():
         monkeypatch.setenv(name, value)
+    monkeypatch.setattr(train_module, "COMPILE_BACKEND", "aot_eager")
     assert init_distributed() == (0, 1)
     try:
         folder = make_image_folder(tmp_path / "d", classes=2, per_class=8)
-        trainer = small_trainer(folder, tmp_path / "run", epochs=1, quantized=False)
-        assert isinstance(trainer.forward_model, torch.nn.parallel.DistributedDataParallel)
-        trainer.fit()
-        assert math.isfinite(trainer.history[-1]["train_loss"])
+        eager = small_trainer(folder, tmp_path / "run", epochs=1, quantized=False)
+        assert isinstance(eager.forward_model, torch.nn.parallel.DistributedDataParallel)
+        eager.fit()
+        assert math.isfinite(eager.history[-1]["train_loss"])
+        torch._dynamo.reset()
+        compiled = small_trainer(folder, tmp_path / "compiled", epochs=1, quantized=False, compile=True)
+        compiled.fit()
     finally:
         dist.destroy_process_group()
+    assert compiled.history[0]["train_loss"] == pytest.approx(eager.history[0]["train_loss"], rel=1e-5)
+    expected = eager.model.state_dict()
+    for key, value in compiled.model.state_dict().items():
+        torch.testing.assert_close(value, expected[key], rtol=1e-5, atol=1e-6, msg=key)
     monkeypatch.delenv("RANK")
     assert init_distributed() == (0, 1) and not dist.is_initialized()  # a plain process joins nothing

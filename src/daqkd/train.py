@@ -10,6 +10,7 @@ and every ``save_every`` steps) holds model, optimizers, schedulers, RNG state a
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -166,9 +167,10 @@ class AugmentedBatches(torch.utils.data.Dataset):
         return self.candidate(self.data.take(idx), self.data.labels[idx], generator)
 
 
-# torch.compile's backend for --compile; tests trace with "aot_eager" (the same graphs, run by ATen)
-# because inductor's code generation takes minutes on a 2-core CPU.
-COMPILE_BACKEND = "inductor"
+# torch.compile's backend for --compile (environment: DAQKD_COMPILE_BACKEND, e.g. "aot_eager" to tell
+# a tracing problem from a code-generation one); tests trace with "aot_eager" (the same graphs, run
+# by ATen) because inductor's code generation takes minutes on a 2-core CPU.
+COMPILE_BACKEND = os.environ.get("DAQKD_COMPILE_BACKEND", "inductor")
 
 
 def compile_step(task: DistillTask, device: torch.device) -> Callable[[torch.Tensor, torch.Tensor],
@@ -176,9 +178,14 @@ def compile_step(task: DistillTask, device: torch.device) -> Callable[[torch.Ten
     """The training step's forward (teacher, student with its fake quantizers, loss) compiled as one
     graph, and through AOTAutograd its backward as another; on CUDA replayed as CUDA graphs
     ("reduce-overhead"). ``fullgraph``: a graph break is an error naming the fix, not a silent
-    slowdown. The optimizer step stays eager (its LR changes every step)."""
+    slowdown. The optimizer step stays eager (its LR changes every step).
+
+    Under torch.distributed the student is DDP-wrapped, and DDP's forward (its bucket bookkeeping)
+    runs eagerly by design: the step compiles as the graphs around it plus the student's own
+    graphs, split at DDP's gradient buckets (Dynamo's DDPOptimizer) so that all-reduces overlap
+    the backward, as ``torch.compile(DDP(model))`` does in timm and torchvision's references."""
     mode = "reduce-overhead" if device.type == "cuda" and COMPILE_BACKEND == "inductor" else None
-    compiled = torch.compile(task.__call__, fullgraph=True, backend=COMPILE_BACKEND, mode=mode)
+    compiled = torch.compile(task.__call__, fullgraph=not dist.is_initialized(), backend=COMPILE_BACKEND, mode=mode)
 
     def step(x: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
         try:
