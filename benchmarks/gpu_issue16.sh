@@ -4,7 +4,8 @@
 #   benchmarks/gpu_issue16.sh DATA_DIR OUT_DIR BUDGET_SECONDS [EPOCHS]
 #
 # 1. gpu_throughput.py on 5,000 images, all 9 students side by side: plain, then --compile with
-#    --augment-workers 1 (student_images_per_s, per-DA figures, graph breaks -> OUT/throughput-*.json);
+#    --augment-workers 1 (student_images_per_s, per-DA figures, graph breaks -> OUT/throughput-*.json;
+#    GPU utilization every 250 ms -> OUT/gpu-util-*.csv, to decide on several students per process);
 # 2. `daqkd rank` of the paper's 16 candidates on the 50,000 train images (goal < 60 s) -> OUT/rank16.json;
 # 3. the CIFAR-10 ResNet-20 W3A3 sweep, 8 DAs with CutMix + none, EPOCHS (default 100) each, with the
 #    faster of the two settings, stopped (Ctrl-C, resumable) when the budget runs out. Its metrics,
@@ -40,9 +41,18 @@ rm -f "$out"/ddp-*/*.safetensors "$out"/ddp-*/state.pt
 echo "== 1. throughput, plain and compiled with augmentation workers ($images images, 2 epochs, 9 students)"
 tp=(python3 "$repo/benchmarks/gpu_throughput.py" --data "$data" --teacher "$teacher" --device "$device" --images "$images"
   --epochs 2 --jobs 9)
+# GPU utilization beside each measurement (every 250 ms): near 100 % with 9 student processes means
+# the device is busy and several students per process cannot gain much; far below it means the
+# processes starve it (launch-bound or time-sliced), which students sharing one process would address
+sample() { command -v nvidia-smi > /dev/null && { nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used \
+  --format=csv -lms 250 > "$out/gpu-util-$1.csv" 2> /dev/null & echo $!; } || echo ""; }
+sampler=$(sample plain)
 timeout 120 "${tp[@]}" 2> "$out/throughput-plain.err" | tail -1 | tee "$out/throughput-plain.json" || true
+[ -z "$sampler" ] || kill "$sampler" 2> /dev/null || true
+sampler=$(sample compiled)
 timeout 200 "${tp[@]}" --compile --augment-workers 1 2> "$out/throughput-compiled.err" | tail -1 \
   | tee "$out/throughput-compiled.json" || true
+[ -z "$sampler" ] || kill "$sampler" 2> /dev/null || true
 faster=$(python3 - "$out" <<'EOF'
 import json, pathlib, sys
 rates = {}
