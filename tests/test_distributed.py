@@ -214,3 +214,28 @@ def test_a_torchrun_group_of_one_takes_the_ddp_path(tmp_path: Path, monkeypatch:
         torch.testing.assert_close(value, expected[key], rtol=1e-5, atol=1e-6, msg=key)
     monkeypatch.delenv("RANK")
     assert init_distributed() == (0, 1) and not dist.is_initialized()  # a plain process joins nothing
+
+
+@pytest.mark.parametrize("rank,world,local,line", [
+    ("0", "2", "2", "continue with: torchrun --nproc_per_node 2 -m daqkd train --resume --out R"),
+    ("0", "8", "4", "continue with: torchrun (the same launcher options) -m daqkd train --resume --out R"),
+    ("1", "2", "2", None),
+])
+def test_ctrl_c_under_torchrun_is_one_line_naming_the_launcher(rank: str, world: str, local: str, line: str | None,
+                                                                monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """Ctrl-C reaches every process of a torchrun group: rank 0 alone says how to resume, with
+    torchrun (the run resumes on any number of processes; one node: its process count)."""
+    import daqkd.cli.train as train_command
+
+    def interrupt(args):
+        raise KeyboardInterrupt
+
+    for name, value in {"RANK": rank, "WORLD_SIZE": world, "LOCAL_WORLD_SIZE": local,
+                        "MASTER_ADDR": "127.0.0.1"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(train_command, "cmd_train", interrupt)  # the parser is built at each main()
+    assert main(["train", "--resume", "--out", "R"]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ([] if line is None else [
+        f"daqkd: interrupted: R keeps its last checkpoint (epoch end or --save-every step); {line}"])

@@ -15,6 +15,7 @@ from typing import Any
 
 from .. import __version__
 from ..errors import DaqkdError
+from ..runtime import launched_by_torchrun
 from . import eval as eval_command
 from . import export, rank, sweep, teacher, train
 
@@ -33,8 +34,13 @@ def interrupted_message(args: argparse.Namespace) -> str:
     """What a Ctrl-C leaves behind, and how to go on."""
     out = getattr(args, "out", None)
     if args.command in ("teacher", "train") and out:
+        launcher = "daqkd"
+        if launched_by_torchrun():  # resume with the launcher's own options (nodes, rendezvous)
+            one_node = os.environ.get("LOCAL_WORLD_SIZE") == os.environ.get("WORLD_SIZE")
+            launcher = (f"torchrun --nproc_per_node {os.environ['WORLD_SIZE']} -m daqkd" if one_node
+                        else "torchrun (the same launcher options) -m daqkd")
         return (f"interrupted: {out} keeps its last checkpoint (epoch end or --save-every step); "
-                f"continue with: daqkd {args.command} --resume --out {out}")
+                f"continue with: {launcher} {args.command} --resume --out {out}")
     if args.command == "sweep" and out:
         return (f"interrupted: {out} keeps every finished student and the others' last checkpoints; "
                 "run the same command again to continue")
@@ -65,8 +71,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"daqkd: error: {exc.strerror or exc}{where}: the files written before stay valid (writes are "
               "atomic); fix the cause and rerun (training runs: --resume)", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"\ndaqkd: {interrupted_message(args)}", file=sys.stderr)
+    except KeyboardInterrupt:  # under torchrun every process gets the signal: one of them says so
+        if not launched_by_torchrun() or os.environ["RANK"] == "0":
+            print(f"\ndaqkd: {interrupted_message(args)}", file=sys.stderr)
         return 130
     finally:
         warnings.showwarning = previous
