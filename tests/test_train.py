@@ -174,6 +174,20 @@ def test_compiled_step_is_one_graph_and_trains_like_eager(tmp_path: Path, tiny_f
         torch.testing.assert_close(value.float(), expected[key].float(), rtol=1e-3, atol=1e-3, msg=key)
 
 
+def test_an_unknown_compile_backend_is_an_error_naming_the_known_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    import daqkd.train as train_module
+
+    monkeypatch.setattr(train_module, "COMPILE_BACKEND", "nonsense")  # as read from DAQKD_COMPILE_BACKEND
+
+    class Step:
+        def __call__(self, x: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"loss": x.sum()}
+
+    with pytest.raises(DaqkdError, match=r"^DAQKD_COMPILE_BACKEND='nonsense' is not a torch.compile backend: use one "
+                                         r"of .*\baot_eager\b.*\binductor\b"):
+        train_module.compile_step(Step(), torch.device("cpu"))
+
+
 def _log(run: Path) -> list[dict]:
     timing = ("seconds", "images_per_s")
     return [{k: v for k, v in json.loads(line).items() if k not in timing}

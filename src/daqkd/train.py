@@ -185,7 +185,14 @@ def compile_step(task: DistillTask, device: torch.device) -> Callable[[torch.Ten
     graphs, split at DDP's gradient buckets (Dynamo's DDPOptimizer) so that all-reduces overlap
     the backward, as ``torch.compile(DDP(model))`` does in timm and torchvision's references."""
     mode = "reduce-overhead" if device.type == "cuda" and COMPILE_BACKEND == "inductor" else None
-    compiled = torch.compile(task.__call__, fullgraph=not dist.is_initialized(), backend=COMPILE_BACKEND, mode=mode)
+    try:
+        compiled = torch.compile(task.__call__, fullgraph=not dist.is_initialized(), backend=COMPILE_BACKEND,
+                                 mode=mode)
+    except torch._dynamo.exc.InvalidBackend as exc:
+        known = ", ".join(name for name in torch._dynamo.list_backends(exclude_tags=())  # debug ones too (aot_eager)
+                          if "TESTING" not in name)
+        raise DaqkdError(f"DAQKD_COMPILE_BACKEND={COMPILE_BACKEND!r} is not a torch.compile backend: use one of "
+                         f"{known}") from exc
 
     def step(x: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
         try:
