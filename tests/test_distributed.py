@@ -172,6 +172,7 @@ def test_batch_must_split_evenly(tiny_folder: Path, tmp_path: Path, monkeypatch:
     assert capsys.readouterr().err == \
         "daqkd: error: --batch-size 9 does not split evenly into 2 processes: use a multiple of 2 " \
         "(each process takes the same share of every batch)\n"
+    assert not (tmp_path / "odd").exists()  # no half-made run directory
 
 
 def test_a_torchrun_group_of_one_takes_the_ddp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -19,6 +19,7 @@ resume, data, the Trainer. :func:`run_sweep` (:mod:`daqkd.sweep_runner`) trains 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -344,8 +345,8 @@ def write_run_config(options: Options, run: Path, command: str) -> None:
 def train_run(options: TrainOptions, command: str, data: tuple[ImageSet, ImageSet] | None,
               build: Any) -> Trainer:
     """The run path teacher and student share: check the options, load the data, let ``build(options,
-    train, device, run)`` make (model, loss, aug, metadata, teacher, quantizer LR), and only then
-    write RUN/config.json (a failed command leaves no half-made run); train (resuming if asked) and
+    train, device, run)`` make (model, loss, aug, metadata, teacher, quantizer LR), build the Trainer,
+    and only then write RUN/config.json (a failed command leaves no half-made run); train (resuming if asked) and
     return the Trainer."""
     init_distributed()
     options, run = prepare_run(options, command)
@@ -358,10 +359,17 @@ def train_run(options: TrainOptions, command: str, data: tuple[ImageSet, ImageSe
             stale.unlink(missing_ok=True)
     model, loss, aug, metadata, teacher, quant_lr = build(options, train, device, run)
     config = replace(config, aug=aug, quant_lr=quant_lr)
+    existed = run.exists()
+    try:  # the Trainer checks the batch split across processes and --compile's backend
+        trainer = Trainer(model, loss, train, test, config, run, device, metadata,
+                          teacher=teacher, progress=not options.no_progress)
+    except DaqkdError:
+        if not existed:
+            with contextlib.suppress(OSError):  # only the empty directory the Trainer made
+                run.rmdir()
+        raise
     if not options.resume:
         write_run_config(options, run, command)
-    trainer = Trainer(model, loss, train, test, config, run, device, metadata,
-                      teacher=teacher, progress=not options.no_progress)
     if options.resume:
         trainer.resume()
     elif teacher is None:
