@@ -7,10 +7,12 @@
 #    --augment-workers 1 (student_images_per_s, per-DA figures, graph breaks -> OUT/throughput-*.json;
 #    GPU utilization every 250 ms -> OUT/gpu-util-*.csv, to decide on several students per process);
 # 2. `daqkd rank` of the paper's 16 candidates on the 50,000 train images (goal < 60 s) -> OUT/rank16.json;
-# 3. the CIFAR-10 ResNet-20 W3A3 sweep, 8 DAs with CutMix + none, EPOCHS (default 100) each, with the
-#    faster of the two settings, stopped (Ctrl-C, resumable) when the budget runs out. Its metrics,
-#    configs, report and every run's resume state (state.pt, a few MB each) are packed into
-#    OUT/sweep.tar.gz; commit it, and the next window runs this again with RESUME_FROM=that file.
+# 3. the CIFAR-10 ResNet-20 W3A3 sweeps (8 DAs with CutMix + none, EPOCHS, default 100, each; SWEEPS,
+#    default "limited500-h200 full-h200": issue 12's data-limited experiment, then issue 16's sweep),
+#    with the faster of the two settings, stopped (Ctrl-C, resumable) when the budget runs out. Each
+#    sweep's metrics, configs, report and resume states (state.pt, a few MB each) are packed into
+#    OUT/NAME.tar.gz; unpack the report into its results folder and commit the tarball there as
+#    sweep.tar.gz: the next window resumes from it by itself.
 #
 # MEASURE=0 (with FASTER="--compile --augment-workers 1" or empty) skips straight to the sweep, for
 # the windows after the first one. DEVICE=cpu IMAGES=300 LIMIT=10 runs every step small on a CPU.
@@ -73,19 +75,38 @@ timeout 120 python3 -m daqkd rank --data "$data" --weights "$teacher" --augs all
 echo "rank: $(( $(date +%s) - rank_start )) s wall (the report's own timing is in rank16.json)"
 fi
 
-echo "== 3. sweep: $epochs epochs, settings: ${faster:-plain}; $(left) s left"
-sweep=$out/sweep
-mkdir -p "$sweep"
-[ -n "${RESUME_FROM:-}" ] && tar -C "$sweep" -xzf "$RESUME_FROM"  # the last window's sweep.tar.gz
-[ -f "$sweep/rank.json" ] || cp "$repo/benchmarks/results/cifar10-resnet20-w3a3/rank.json" "$sweep/"
-sweep_seconds=$(( $(left) - 30 ))  # 30 s to pack the results
-if [ "$sweep_seconds" -lt 60 ]; then echo "no time left for the sweep"; exit 0; fi
-# shellcheck disable=SC2086  # $faster is a list of options
-timeout --signal=INT -k 20 "$sweep_seconds" python3 -m daqkd sweep --data "$data" --teacher "$teacher" --device "$device" \
-  --method ewgs --w-bits 3 --a-bits 3 --kd kd --gamma 1 --alpha 2 --temperature 4 \
-  --augs none+cutmix,autoaugment-cifar10+cutmix,autoaugment-imagenet+cutmix,autoaugment-svhn+cutmix,randaugment+cutmix,trivialaugment+cutmix,augmix+cutmix,randomerasing+cutmix \
-  --epochs "$epochs" --seed 0 --jobs 9 --save-every 200 --no-progress $faster --out "$sweep" ${LIMIT:+--limit-per-class $LIMIT} \
-  2>&1 | tee -a "$out/sweep.log" || echo "sweep stopped (rc ${PIPESTATUS[0]}): resumable"
-tar -C "$sweep" --exclude='*.safetensors' --exclude=tensorboard -czf "$out/sweep.tar.gz.tmp" . \
-  && mv "$out/sweep.tar.gz.tmp" "$out/sweep.tar.gz" && rm -rf "$sweep"
+# 3. The sweeps, in the order of SWEEPS, each with the time left: 8 DAs with CutMix + the default
+# none, EPOCHS each, W3A3 EWGS ResNet-20, Hinton KD. Each resumes from the sweep.tar.gz committed in
+# its results folder (the previous window's), and leaves OUT/NAME.tar.gz (metrics, configs, report,
+# resume states) to unpack into that folder and commit.
+#   limited500-h200: issue 12's experiment 1 (500 train images per class, its teacher and ranking), 3 seeds
+#   full-h200:       issue 16's sweep on the 50,000 images, 1 seed
+run_sweep() {
+  local name=$1 results=$2 teacher=$3 rank=$4; shift 4
+  local dir=$out/$name seconds
+  echo "== 3. sweep $name: $epochs epochs, settings: ${faster:-plain}; $(left) s left"
+  mkdir -p "$dir"
+  [ -f "$repo/benchmarks/results/$results/sweep.tar.gz" ] && tar -C "$dir" -xzf "$repo/benchmarks/results/$results/sweep.tar.gz"
+  [ -f "$dir/rank.json" ] || cp "$rank" "$dir/"
+  seconds=$(( $(left) - 30 ))  # 30 s to pack the results
+  if [ "$seconds" -lt 60 ]; then echo "no time left for $name"; rm -rf "$dir"; return 0; fi
+  # shellcheck disable=SC2086  # $faster is a list of options
+  timeout --signal=INT -k 20 "$seconds" python3 -m daqkd sweep --data "$data" --teacher "$teacher" --device "$device" \
+    --method ewgs --w-bits 3 --a-bits 3 --kd kd --gamma 1 --alpha 2 --temperature 4 --default none \
+    --augs none+cutmix,autoaugment-cifar10+cutmix,autoaugment-imagenet+cutmix,autoaugment-svhn+cutmix,randaugment+cutmix,trivialaugment+cutmix,augmix+cutmix,randomerasing+cutmix \
+    --epochs "$epochs" --seed 0 --jobs 9 --save-every 200 --eval-every 10 --no-progress $faster --out "$dir" "$@" \
+    2>&1 | tee -a "$out/$name.log" || echo "sweep $name stopped (rc ${PIPESTATUS[0]}): resumable"
+  tar -C "$dir" --exclude='*.safetensors' --exclude=tensorboard -czf "$out/$name.tar.gz.tmp" . \
+    && mv "$out/$name.tar.gz.tmp" "$out/$name.tar.gz" && rm -rf "$dir"
+}
+limited=$repo/benchmarks/results/cifar10-limited500-resnet20-w3a3
+for name in ${SWEEPS:-limited500-h200 full-h200}; do
+  case $name in
+    limited500-h200) run_sweep "$name" cifar10-limited500-resnet20-w3a3-h200 "$limited/teacher" "$limited/rank.json" \
+                       --seeds 3 --train-limit-per-class "${LIMIT:-500}" ${LIMIT:+--limit-per-class $LIMIT} ;;
+    full-h200) run_sweep "$name" cifar10-resnet20-w3a3-h200-100ep "$teacher" \
+                 "$repo/benchmarks/results/cifar10-resnet20-w3a3/rank.json" ${LIMIT:+--limit-per-class $LIMIT} ;;
+    *) echo "unknown sweep $name (limited500-h200, full-h200)"; exit 2 ;;
+  esac
+done
 echo "done in $(( $(date +%s) - start )) s"
