@@ -311,6 +311,35 @@ def test_sweep_jobs_names_the_failed_run(tmp_path: Path, tiny_folder: Path, caps
     assert len(err.splitlines()) == 1 and "-seed0 failed (DaqkdError: the loss became" in err and "train.log" in err
 
 
+def test_ctrl_c_in_a_sweep_with_jobs_stops_the_workers_and_prints_one_line(
+        tmp_path: Path, tiny_folder: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Ctrl-C while students train in the pool: the pool is terminated and joined, and the sweep ends
+    like any command interrupted (exit 130, one `daqkd: interrupted:` line saying how to continue)."""
+    from daqkd import sweep_runner
+
+    data, teacher = train_tiny_teacher(tmp_path, tiny_folder)
+    calls = []
+
+    class InterruptedPool:
+        def imap_unordered(self, fn, tasks):
+            raise KeyboardInterrupt
+
+        def terminate(self):
+            calls.append("terminate")
+
+        def join(self):
+            calls.append("join")
+
+    monkeypatch.setattr(sweep_runner._StudentContext, "Pool", lambda self, *args, **kwargs: InterruptedPool())
+    capsys.readouterr()
+    assert main(["sweep", *data, "--teacher", str(teacher), "--augs", "none,augmix", "--epochs", "1",
+                 "--batch-size", "12", "--jobs", "2", "--no-progress", "--out", str(tmp_path / "sweep")]) == 130
+    assert calls == ["terminate", "join"]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [(f"daqkd: interrupted: {tmp_path / 'sweep'} keeps every finished student and the others' last "
+                    "checkpoints; run the same command again to continue")]
+
+
 H200_POINTS = [("randomerasing+cutmix", 0.41, 85.34), ("randaugment+cutmix", 0.46, 85.34),
                ("autoaugment-cifar10+cutmix", 0.49, 85.24), ("autoaugment-svhn+cutmix", 0.66, 85.15),
                ("none+cutmix", 0.25, 85.55)]

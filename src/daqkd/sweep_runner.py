@@ -170,16 +170,13 @@ def run_in_processes(pending: list[StudentOptions], data: tuple[ImageSet, ImageS
     for slot in slots:
         free.put(slot)
     pool = context.Pool(jobs, initializer=_start_worker, initargs=(free,), maxtasksperchild=1)
-    interrupted = False
-    try:
+    try:  # a Ctrl-C passes on to the CLI's one `daqkd: interrupted:` line, after the workers stopped
         tasks = [(i, run_args, data, threads) for i, run_args in enumerate(pending)]
         for index, wall_seconds, error in pool.imap_unordered(train_in_process, tasks):
             run = Path(pending[index].out)
             if error:
                 raise DaqkdError(f"{run.name} failed ({error}); see {run / TRAIN_LOG}")
             record(pending[index], wall_seconds)
-    except KeyboardInterrupt:
-        interrupted = True
     finally:
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut this short
         try:
@@ -187,9 +184,6 @@ def run_in_processes(pending: list[StudentOptions], data: tuple[ImageSet, ImageS
             pool.join()
         finally:
             signal.signal(signal.SIGINT, previous)
-    if interrupted:
-        raise DaqkdError("interrupted: finished students are kept and the others resume from their last "
-                         "epoch; run the same command again")
 
 
 # The options that make two students comparable: a sweep refuses to mix runs that differ in any.
