@@ -183,8 +183,11 @@ def compile_step(task: DistillTask, device: torch.device) -> Callable[[torch.Ten
     Under torch.distributed the student is DDP-wrapped, and DDP's forward (its bucket bookkeeping)
     runs eagerly by design: the step compiles as the graphs around it plus the student's own
     graphs, split at DDP's gradient buckets (Dynamo's DDPOptimizer) so that all-reduces overlap
-    the backward, as ``torch.compile(DDP(model))`` does in timm and torchvision's references."""
-    mode = "reduce-overhead" if device.type == "cuda" and COMPILE_BACKEND == "inductor" else None
+    the backward, as ``torch.compile(DDP(model))`` does in timm and torchvision's references. No
+    CUDA graphs there: with DDP's hooks they are known to fail or slow down (pytorch#113809,
+    pytorch#139207, BatchNorm's mutated buffers), and no GPU run of ours has shown otherwise."""
+    cuda_graphs = device.type == "cuda" and COMPILE_BACKEND == "inductor" and not dist.is_initialized()
+    mode = "reduce-overhead" if cuda_graphs else None
     try:
         compiled = torch.compile(task.__call__, fullgraph=not dist.is_initialized(), backend=COMPILE_BACKEND,
                                  mode=mode)
