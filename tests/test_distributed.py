@@ -42,21 +42,32 @@ WORKER_ENV = {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "DAQKD_FUSED_K
 """One thread per process, eager quantizer kernels like the test process (conftest)."""
 
 
-def torchrun(args: list[str], processes: int = 2) -> None:
+def torchrun(args: list[str], processes: int = 2, timeout: float = 300) -> None:
     """``torchrun --standalone --nproc_per_node N -m daqkd.cli ARGS`` on CPU (gloo), the agent run in
-    this process by torchrun's own entry point (``torch.distributed.run.main``, what the ``torchrun``
-    script calls): the workers are separate processes as always, and the agent's own interpreter
-    start (~4 s of importing torch on 2 cores) is saved. The agent installs signal handlers, which
-    are put back afterwards; a failing worker raises ChildFailedError here."""
-    from torch.distributed.run import main as torchrun_main
+    this process by torchrun's own code (``torch.distributed.run.run``, what the ``torchrun`` script
+    calls, without its error-file wrapper, which would point faulthandler at pytest's captured
+    stderr): the workers are separate processes as always, and the agent's own interpreter start
+    (~4 s of importing torch on 2 cores) is saved. What the agent changes in this process (signal
+    handlers, the thread's name) is put back; after ``timeout`` seconds a SIGTERM makes the agent
+    stop its workers; a failing worker raises here."""
+    import threading
+
+    import torch.multiprocessing
+    from torch.distributed import run as torchrun_module
 
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)}
+    thread_name = torch.multiprocessing._get_thread_name()
+    alarm = threading.Timer(timeout, os.kill, (os.getpid(), signal.SIGTERM))
+    alarm.start()
     try:
         with mock.patch.dict(os.environ, WORKER_ENV):
-            torchrun_main(["--standalone", "--nproc_per_node", str(processes), "-m", "daqkd.cli", *args])
+            torchrun_module.run(torchrun_module.parse_args(
+                ["--standalone", "--nproc_per_node", str(processes), "-m", "daqkd.cli", *args]))
     finally:
+        alarm.cancel()
         for number, handler in handlers.items():
             signal.signal(number, handler)
+        torch.multiprocessing._set_thread_name(thread_name)
 
 
 def torchrun_process(args: list[str], processes: int = 2) -> subprocess.Popen:
@@ -208,6 +219,7 @@ def test_a_torchrun_group_of_one_takes_the_ddp_path(tmp_path: Path, monkeypatch:
         compiled = small_trainer(folder, tmp_path / "compiled", epochs=1, quantized=False, compile=True)
         compiled.fit()
     finally:
+        torch._dynamo.reset()  # its caches hold the DDP module of a group about to go
         dist.destroy_process_group()
     assert compiled.history[0]["train_loss"] == pytest.approx(eager.history[0]["train_loss"], rel=1e-5)
     expected = eager.model.state_dict()
@@ -218,15 +230,18 @@ def test_a_torchrun_group_of_one_takes_the_ddp_path(tmp_path: Path, monkeypatch:
 
 
 @pytest.mark.parametrize("rank,world,local,line", [
-    ("0", "2", "2", "continue with: torchrun --nproc_per_node 2 -m daqkd train --resume --out R"),
-    ("0", "8", "4", "continue with: torchrun (the same launcher options) -m daqkd train --resume --out R"),
+    ("0", "2", "2", "continue with: torchrun --nproc_per_node 2 -m daqkd train --resume --out {run}"),
+    ("0", "8", "4", "continue with: torchrun (the same launcher options) -m daqkd train --resume --out {run}"),
+    ("0", None, None, "continue with: torchrun (the same launcher options) -m daqkd train --resume --out {run}"),
     ("1", "2", "2", None),
 ])
-def test_ctrl_c_under_torchrun_is_one_line_naming_the_launcher(rank: str, world: str, local: str, line: str | None,
+def test_ctrl_c_under_torchrun_is_one_line_naming_the_launcher(rank: str, world: str | None, local: str | None,
+                                                                line: str | None, tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     """Ctrl-C reaches every process of a torchrun group: rank 0 alone says how to resume, with
-    torchrun (the run resumes on any number of processes; one node: its process count)."""
+    torchrun (the run resumes on any number of processes; one node: its process count); before the
+    run directory holds a run, it says to run the command again."""
     import daqkd.cli.train as train_command
 
     def interrupt(args):
@@ -234,9 +249,19 @@ def test_ctrl_c_under_torchrun_is_one_line_naming_the_launcher(rank: str, world:
 
     for name, value in {"RANK": rank, "WORLD_SIZE": world, "LOCAL_WORLD_SIZE": local,
                         "MASTER_ADDR": "127.0.0.1"}.items():
-        monkeypatch.setenv(name, value)
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
     monkeypatch.setattr(train_command, "cmd_train", interrupt)  # the parser is built at each main()
-    assert main(["train", "--resume", "--out", "R"]) == 130
+    run = tmp_path / "R"
+    assert main(["train", "--resume", "--out", str(run)]) == 130
+    before = [] if line is None else [f"daqkd: interrupted before {run} held a run: run the same command again"]
+    assert capsys.readouterr().err.strip().splitlines() == before
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    assert main(["train", "--resume", "--out", str(run)]) == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ([] if line is None else [
-        f"daqkd: interrupted: R keeps its last checkpoint (epoch end or --save-every step); {line}"])
+        (f"daqkd: interrupted: {run} keeps its last checkpoint (epoch end or --save-every step); "
+        f"{line.format(run=run)}")])

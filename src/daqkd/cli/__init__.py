@@ -11,6 +11,7 @@ import os
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from .. import __version__
@@ -34,10 +35,12 @@ def interrupted_message(args: argparse.Namespace) -> str:
     """What a Ctrl-C leaves behind, and how to go on."""
     out = getattr(args, "out", None)
     if args.command in ("teacher", "train") and out:
+        if not (Path(out) / "config.json").is_file():  # stopped before the run was set up
+            return f"interrupted before {out} held a run: run the same command again"
         launcher = "daqkd"
         if launched_by_torchrun():  # resume with the launcher's own options (nodes, rendezvous)
-            one_node = os.environ.get("LOCAL_WORLD_SIZE") == os.environ.get("WORLD_SIZE")
-            launcher = (f"torchrun --nproc_per_node {os.environ['WORLD_SIZE']} -m daqkd" if one_node
+            world, local = os.environ.get("WORLD_SIZE"), os.environ.get("LOCAL_WORLD_SIZE")
+            launcher = (f"torchrun --nproc_per_node {world} -m daqkd" if world is not None and world == local
                         else "torchrun (the same launcher options) -m daqkd")
         return (f"interrupted: {out} keeps its last checkpoint (epoch end or --save-every step); "
                 f"continue with: {launcher} {args.command} --resume --out {out}")
