@@ -19,9 +19,9 @@ resume, data, the Trainer. :func:`run_sweep` (:mod:`daqkd.sweep_runner`) trains 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
@@ -357,16 +357,15 @@ def train_run(options: TrainOptions, command: str, data: tuple[ImageSet, ImageSe
     if not options.resume:  # what a run killed before its first state left: this run starts over
         for stale in (run / METRICS_FILE, run / RANK_FILE):
             stale.unlink(missing_ok=True)
-    model, loss, aug, metadata, teacher, quant_lr = build(options, train, device, run)
-    config = replace(config, aug=aug, quant_lr=quant_lr)
     existed = run.exists()
+    model, loss, aug, metadata, teacher, quant_lr = build(options, train, device, run)  # --aug auto: rank.json
+    config = replace(config, aug=aug, quant_lr=quant_lr)
     try:  # the Trainer checks the batch split across processes and --compile's backend
         trainer = Trainer(model, loss, train, test, config, run, device, metadata,
                           teacher=teacher, progress=not options.no_progress)
     except DaqkdError:
-        if not existed:
-            with contextlib.suppress(OSError):  # only the empty directory the Trainer made
-                run.rmdir()
+        if not existed and is_main_process():  # all it holds is this command's (a ranking at most)
+            shutil.rmtree(run, ignore_errors=True)
         raise
     if not options.resume:
         write_run_config(options, run, command)
