@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -338,6 +339,26 @@ def test_ctrl_c_in_a_sweep_with_jobs_stops_the_workers_and_prints_one_line(
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [(f"daqkd: interrupted: {tmp_path / 'sweep'} keeps every finished student and the others' last "
                     "checkpoints; run the same command again to continue")]
+
+
+def _report_blocked_sigint(queue) -> None:
+    queue.put(signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, []))
+
+
+def test_student_workers_start_with_ctrl_c_blocked() -> None:
+    """A Ctrl-C while a student process starts (importing torch) must not print a traceback from it:
+    the spawned interpreter starts with SIGINT blocked, and the parent's own mask is unchanged."""
+    from daqkd import sweep_runner
+
+    context = sweep_runner._StudentContext()
+    queue = context.Queue()
+    worker = context.Process(target=_report_blocked_sigint, args=(queue,))
+    worker.start()
+    try:
+        assert queue.get(timeout=120) is True
+    finally:
+        worker.join(timeout=60)
+    assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
 
 
 H200_POINTS = [("randomerasing+cutmix", 0.41, 85.34), ("randaugment+cutmix", 0.46, 85.34),

@@ -141,6 +141,16 @@ class _StudentProcess(multiprocessing.context.SpawnProcess):
     def daemon(self, value: bool) -> None:
         pass
 
+    def start(self) -> None:
+        """Start with SIGINT blocked, a mask the spawned interpreter inherits: a Ctrl-C while it
+        imports torch would otherwise print a KeyboardInterrupt traceback per starting worker
+        (the pool starts replacements from its own thread, where SIG_IGN cannot be set)."""
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            super().start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
 
 class _StudentContext(multiprocessing.context.SpawnContext):
     Process = _StudentProcess
