@@ -18,13 +18,20 @@
 # the windows after the first one. DEVICE=cpu IMAGES=300 LIMIT=10 runs every step small on a CPU.
 # Step 0 is issue 17's GPU check: one `torchrun --nproc_per_node 1` student against a plain run.
 set -euo pipefail
-data=$1 out=$2 budget=$3 epochs=${4:-100}
+budget=$3 epochs=${4:-100}
 start=$(date +%s)
+mkdir -p "$2"
+data=$(cd "$1" && pwd) out=$(cd "$2" && pwd)
 repo=$(cd "$(dirname "$0")/.." && pwd)
+# the sweeps store --data and --teacher and refuse to resume with other paths: the teachers are
+# named relative to the repository (wherever the device machine puts it), DATA must be the same
+# path in every window (e.g. /tmp/data/cifar10)
+cd "$repo"
 device=${DEVICE:-cuda} images=${IMAGES:-5000}
-teacher=$repo/benchmarks/results/cifar10-resnet20-w3a3/teacher
+teacher=benchmarks/results/cifar10-resnet20-w3a3/teacher
 export PYTHONPATH=$repo/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-mkdir -p "$out"
+sampler=""
+trap '[ -z "$sampler" ] || kill "$sampler" 2> /dev/null || true' EXIT
 left() { echo $(( budget - ($(date +%s) - start) )); }
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')" \
   | tee "$out/device.txt"
@@ -83,29 +90,45 @@ fi
 #   full-h200:       issue 16's sweep on the 50,000 images, 1 seed
 run_sweep() {
   local name=$1 results=$2 teacher=$3 rank=$4; shift 4
-  local dir=$out/$name seconds
-  echo "== 3. sweep $name: $epochs epochs, settings: ${faster:-plain}; $(left) s left"
+  local dir=$out/$name seconds settings=$faster stored rc=0
   mkdir -p "$dir"
-  [ -f "$repo/benchmarks/results/$results/sweep.tar.gz" ] && tar -C "$dir" -xzf "$repo/benchmarks/results/$results/sweep.tar.gz"
+  if [ ! -d "$dir/runs" ] && [ -f "benchmarks/results/$results/sweep.tar.gz" ]; then
+    tar -C "$dir" -xzf "benchmarks/results/$results/sweep.tar.gz"
+  fi
   [ -f "$dir/rank.json" ] || cp "$rank" "$dir/"
+  # a resumed sweep keeps the compile setting its runs were made with (the sweep refuses to mix)
+  stored=$(python3 -c 'import json, pathlib, sys
+files = sorted(pathlib.Path(sys.argv[1]).glob("runs/*/config.json"))
+print("" if not files else "compiled" if json.loads(files[0].read_text())["args"].get("compile") else "plain")' "$dir")
+  [ "$stored" = compiled ] && settings="--compile --augment-workers 1"
+  [ "$stored" = plain ] && settings=""
+  echo "== 3. sweep $name: $epochs epochs, settings: ${settings:-plain}; $(left) s left"
   seconds=$(( $(left) - 30 ))  # 30 s to pack the results
-  if [ "$seconds" -lt 60 ]; then echo "no time left for $name"; rm -rf "$dir"; return 0; fi
-  # shellcheck disable=SC2086  # $faster is a list of options
+  if [ "$seconds" -lt 60 ]; then echo "no time left for $name"; return 0; fi
+  # shellcheck disable=SC2086  # $settings is a list of options
   timeout --signal=INT -k 20 "$seconds" python3 -m daqkd sweep --data "$data" --teacher "$teacher" --device "$device" \
     --method ewgs --w-bits 3 --a-bits 3 --kd kd --gamma 1 --alpha 2 --temperature 4 --default none \
     --augs none+cutmix,autoaugment-cifar10+cutmix,autoaugment-imagenet+cutmix,autoaugment-svhn+cutmix,randaugment+cutmix,trivialaugment+cutmix,augmix+cutmix,randomerasing+cutmix \
-    --epochs "$epochs" --seed 0 --jobs 9 --save-every 200 --eval-every 10 --no-progress $faster --out "$dir" "$@" \
-    2>&1 | tee -a "$out/$name.log" || echo "sweep $name stopped (rc ${PIPESTATUS[0]}): resumable"
-  tar -C "$dir" --exclude='*.safetensors' --exclude=tensorboard -czf "$out/$name.tar.gz.tmp" . \
-    && mv "$out/$name.tar.gz.tmp" "$out/$name.tar.gz" && rm -rf "$dir"
+    --epochs "$epochs" --seed 0 --jobs 9 --save-every 200 --eval-every 10 --no-progress $settings --out "$dir" "$@" \
+    2>&1 | tee -a "$out/$name.log" || rc=${PIPESTATUS[0]}
+  case $rc in
+    0) echo "sweep $name finished" ;;
+    124|137) echo "sweep $name stopped at the budget: the next window resumes it" ;;
+    *) echo "sweep $name FAILED (rc $rc): see $name.log" ;;
+  esac
+  if tar -C "$dir" --exclude='*.safetensors' --exclude=tensorboard -czf "$out/$name.tar.gz.tmp" .; then
+    mv "$out/$name.tar.gz.tmp" "$out/$name.tar.gz" && rm -rf "$dir"
+  else
+    echo "packing $name failed: $dir kept"
+  fi
 }
-limited=$repo/benchmarks/results/cifar10-limited500-resnet20-w3a3
+limited=benchmarks/results/cifar10-limited500-resnet20-w3a3
 for name in ${SWEEPS:-limited500-h200 full-h200}; do
   case $name in
     limited500-h200) run_sweep "$name" cifar10-limited500-resnet20-w3a3-h200 "$limited/teacher" "$limited/rank.json" \
                        --seeds 3 --train-limit-per-class "${LIMIT:-500}" ${LIMIT:+--limit-per-class $LIMIT} ;;
     full-h200) run_sweep "$name" cifar10-resnet20-w3a3-h200-100ep "$teacher" \
-                 "$repo/benchmarks/results/cifar10-resnet20-w3a3/rank.json" ${LIMIT:+--limit-per-class $LIMIT} ;;
+                 benchmarks/results/cifar10-resnet20-w3a3/rank.json ${LIMIT:+--limit-per-class $LIMIT} ;;
     *) echo "unknown sweep $name (limited500-h200, full-h200)"; exit 2 ;;
   esac
 done
