@@ -31,7 +31,8 @@ device=${DEVICE:-cuda} images=${IMAGES:-5000}
 teacher=benchmarks/results/cifar10-resnet20-w3a3/teacher
 export PYTHONPATH=$repo/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 sampler=""
-trap '[ -z "$sampler" ] || kill "$sampler" 2> /dev/null || true' EXIT
+stop_sampler() { [ -z "$sampler" ] || kill "$sampler" 2> /dev/null || true; }
+trap stop_sampler EXIT
 left() { echo $(( budget - ($(date +%s) - start) )); }
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')" \
   | tee "$out/device.txt"
@@ -57,11 +58,11 @@ sample() { command -v nvidia-smi > /dev/null && { nvidia-smi --query-gpu=timesta
   --format=csv -lms 250 > "$out/gpu-util-$1.csv" 2> /dev/null & echo $!; } || echo ""; }
 sampler=$(sample plain)
 timeout 120 "${tp[@]}" 2> "$out/throughput-plain.err" | tail -1 | tee "$out/throughput-plain.json" || true
-[ -z "$sampler" ] || kill "$sampler" 2> /dev/null || true
+stop_sampler
 sampler=$(sample compiled)
 timeout 200 "${tp[@]}" --compile --augment-workers 1 2> "$out/throughput-compiled.err" | tail -1 \
   | tee "$out/throughput-compiled.json" || true
-[ -z "$sampler" ] || kill "$sampler" 2> /dev/null || true
+stop_sampler
 faster=$(python3 - "$out" <<'EOF'
 import json, pathlib, sys
 rates = {}

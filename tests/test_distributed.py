@@ -42,6 +42,11 @@ WORKER_ENV = {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "DAQKD_FUSED_K
 """One thread per process, eager quantizer kernels like the test process (conftest)."""
 
 
+def torchrun_args(args: list[str], processes: int) -> list[str]:
+    """torchrun's command line for ``daqkd ARGS`` in N processes on free ports."""
+    return ["--standalone", "--nproc_per_node", str(processes), "-m", "daqkd.cli", *args]
+
+
 def torchrun(args: list[str], processes: int = 2, timeout: float = 300) -> None:
     """``torchrun --standalone --nproc_per_node N -m daqkd.cli ARGS`` on CPU (gloo), the agent run in
     this process by torchrun's own code (``torch.distributed.run.run``, what the ``torchrun`` script
@@ -61,8 +66,7 @@ def torchrun(args: list[str], processes: int = 2, timeout: float = 300) -> None:
     alarm.start()
     try:
         with mock.patch.dict(os.environ, WORKER_ENV):
-            torchrun_module.run(torchrun_module.parse_args(
-                ["--standalone", "--nproc_per_node", str(processes), "-m", "daqkd.cli", *args]))
+            torchrun_module.run(torchrun_module.parse_args(torchrun_args(args, processes)))
     finally:
         alarm.cancel()
         for number, handler in handlers.items():
@@ -73,8 +77,7 @@ def torchrun(args: list[str], processes: int = 2, timeout: float = 300) -> None:
 def torchrun_process(args: list[str], processes: int = 2) -> subprocess.Popen:
     """The ``torchrun`` command as a process of its own (a session leader, so that a test can kill the
     agent and its workers together, as a lost node or a scheduler does)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
-           "-m", "daqkd.cli", *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *torchrun_args(args, processes)]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **WORKER_ENV},
                             start_new_session=True)
 

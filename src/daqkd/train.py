@@ -186,11 +186,11 @@ def compile_step(task: DistillTask, device: torch.device) -> Callable[[torch.Ten
     the backward, as ``torch.compile(DDP(model))`` does in timm and torchvision's references. No
     CUDA graphs there: with DDP's hooks they are known to fail or slow down (pytorch#113809,
     pytorch#139207, BatchNorm's mutated buffers), and no GPU run of ours has shown otherwise."""
-    cuda_graphs = device.type == "cuda" and COMPILE_BACKEND == "inductor" and not dist.is_initialized()
-    mode = "reduce-overhead" if cuda_graphs else None
+    distributed = dist.is_initialized()
+    cuda_graphs = device.type == "cuda" and COMPILE_BACKEND == "inductor" and not distributed
     try:
-        compiled = torch.compile(task.__call__, fullgraph=not dist.is_initialized(), backend=COMPILE_BACKEND,
-                                 mode=mode)
+        compiled = torch.compile(task.__call__, fullgraph=not distributed, backend=COMPILE_BACKEND,
+                                 mode="reduce-overhead" if cuda_graphs else None)
     except torch._dynamo.exc.InvalidBackend as exc:
         known = ", ".join(name for name in torch._dynamo.list_backends(exclude_tags=())  # debug ones too (aot_eager)
                           if "TESTING" not in name)

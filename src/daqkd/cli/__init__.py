@@ -16,6 +16,7 @@ from typing import Any
 
 from .. import __version__
 from ..errors import DaqkdError
+from ..rundir import CONFIG_FILE
 from ..runtime import launched_by_torchrun
 from . import eval as eval_command
 from . import export, rank, sweep, teacher, train
@@ -35,7 +36,7 @@ def interrupted_message(args: argparse.Namespace) -> str:
     """What a Ctrl-C leaves behind, and how to go on."""
     out = getattr(args, "out", None)
     if args.command in ("teacher", "train") and out:
-        if not (Path(out) / "config.json").is_file():  # stopped before the run was set up
+        if not (Path(out) / CONFIG_FILE).is_file():  # stopped before the run was set up
             return f"interrupted before {out} held a run: run the same command again"
         launcher = "daqkd"
         if launched_by_torchrun():  # resume with the launcher's own options (nodes, rendezvous)
