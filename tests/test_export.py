@@ -226,6 +226,18 @@ def test_an_uncalibrated_model_is_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "m.onnx").exists()
 
 
+def test_an_image_size_the_model_cannot_take_is_one_error(tmp_path: Path) -> None:
+    """VGG-8 max-pools 32x32 down to 1x1 five times: 8x8 images cannot pass, and nothing is written."""
+    from daqkd.models import create_model
+    from daqkd.models.normalize import NormalizedModel, parse_normalization
+
+    model = NormalizedModel(create_model("vgg8", 10), parse_normalization("imagenet")).eval()
+    with pytest.raises(DaqkdError, match=r"does not run on 8x8 images .*pass the --image-size it was trained on"):
+        export_onnx(model, tmp_path / "m.onnx", image_size=8)
+    assert list(tmp_path.iterdir()) == []
+    assert export_onnx(model, tmp_path / "m.onnx", image_size=32).image_size == 32
+
+
 @pytest.fixture(scope="module")
 def trained_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     """A tiny teacher run and an EWGS W3A3 student of it (CLI, 1 epoch each)."""
