@@ -63,8 +63,17 @@ from .train import evaluate as evaluate_model
 Options = TypeVar("Options", bound="DataOptions")
 
 
+class CommandOptions:
+    """Options of one command, built from its argparse Namespace by the CLI or by hand in a notebook."""
+
+    @classmethod
+    def from_namespace(cls, namespace: Any) -> Self:
+        """The options of an argparse Namespace (or any object with these attributes)."""
+        return cls(**{f.name: getattr(namespace, f.name) for f in fields(cls) if hasattr(namespace, f.name)})
+
+
 @dataclass
-class DataOptions:
+class DataOptions(CommandOptions):
     """Where the images come from, and how a run is seeded and placed.
 
     data: an ImageFolder root (``train/``, ``test/``) or a ``.npz`` array archive; dataset: a
@@ -78,11 +87,6 @@ class DataOptions:
     limit_per_class: int | None = None
     seed: int = 0
     device: str = "auto"
-
-    @classmethod
-    def from_namespace(cls, namespace: Any) -> Self:
-        """The options of an argparse Namespace (or any object with these attributes)."""
-        return cls(**{f.name: getattr(namespace, f.name) for f in fields(cls) if hasattr(namespace, f.name)})
 
     def load(self, split: str, limit_per_class: int | None = None) -> ImageSet:
         limit = limit_per_class if limit_per_class is not None else self.limit_per_class
@@ -262,7 +266,7 @@ class EvalOptions(DataOptions):
 
 
 @dataclass
-class ExportOptions:
+class ExportOptions(CommandOptions):
     """`daqkd export`: ``run`` (a run directory or daqkd checkpoint) as the ONNX file ``out``; with
     ``fp`` the full-precision teacher the run was distilled from instead; ``image_size``: the side of
     the square uint8 images the file takes (the batch size stays free)."""
@@ -271,10 +275,6 @@ class ExportOptions:
     out: str | None = None
     fp: bool = False
     image_size: int = 32
-
-    @classmethod
-    def from_namespace(cls, namespace: Any) -> Self:
-        return cls(**{f.name: getattr(namespace, f.name) for f in fields(cls) if hasattr(namespace, f.name)})
 
 
 def data_statistics(data: ImageSet) -> Normalization:
