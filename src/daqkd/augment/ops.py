@@ -73,38 +73,39 @@ def _zeros2(n: int) -> torch.Tensor:
     return torch.zeros(n, 2, dtype=torch.float64)
 
 
-def shear_x_matrices(magnitude: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Horizontal shear by coefficient ``magnitude`` about the top-left corner: (N, 2, 3)."""
+def _shear_matrices(magnitude: torch.Tensor, axis: int, height: int, width: int) -> torch.Tensor:
     n = len(magnitude)
     shear = _zeros2(n)
-    shear[:, 0] = torch.rad2deg(torch.atan(magnitude.double()))
+    shear[:, axis] = torch.rad2deg(torch.atan(magnitude.double()))
     center = torch.tensor([[-0.5 * width, -0.5 * height]], dtype=torch.float64).expand(n, 2)
     return inverse_affine_matrices(torch.zeros(n, dtype=torch.float64), _zeros2(n), shear, center)
+
+
+def _translate_matrices(magnitude: torch.Tensor, axis: int) -> torch.Tensor:
+    n = len(magnitude)
+    translate = _zeros2(n)
+    translate[:, axis] = magnitude.double().trunc()
+    return inverse_affine_matrices(torch.zeros(n, dtype=torch.float64), translate, _zeros2(n), _zeros2(n))
+
+
+def shear_x_matrices(magnitude: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Horizontal shear by coefficient ``magnitude`` about the top-left corner: (N, 2, 3)."""
+    return _shear_matrices(magnitude, 0, height, width)
 
 
 def shear_y_matrices(magnitude: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Vertical shear by coefficient ``magnitude`` about the top-left corner: (N, 2, 3)."""
-    n = len(magnitude)
-    shear = _zeros2(n)
-    shear[:, 1] = torch.rad2deg(torch.atan(magnitude.double()))
-    center = torch.tensor([[-0.5 * width, -0.5 * height]], dtype=torch.float64).expand(n, 2)
-    return inverse_affine_matrices(torch.zeros(n, dtype=torch.float64), _zeros2(n), shear, center)
+    return _shear_matrices(magnitude, 1, height, width)
 
 
 def translate_x_matrices(magnitude: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Shift right by ``int(magnitude)`` pixels (left if negative): (N, 2, 3)."""
-    n = len(magnitude)
-    translate = _zeros2(n)
-    translate[:, 0] = magnitude.double().trunc()
-    return inverse_affine_matrices(torch.zeros(n, dtype=torch.float64), translate, _zeros2(n), _zeros2(n))
+    return _translate_matrices(magnitude, 0)
 
 
 def translate_y_matrices(magnitude: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Shift down by ``int(magnitude)`` pixels (up if negative): (N, 2, 3)."""
-    n = len(magnitude)
-    translate = _zeros2(n)
-    translate[:, 1] = magnitude.double().trunc()
-    return inverse_affine_matrices(torch.zeros(n, dtype=torch.float64), translate, _zeros2(n), _zeros2(n))
+    return _translate_matrices(magnitude, 1)
 
 
 def rotate_matrices(magnitude: torch.Tensor, height: int, width: int) -> torch.Tensor:
