@@ -194,6 +194,25 @@ def _log(run: Path) -> list[dict]:
             for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def test_reading_the_loss_every_few_steps_changes_nothing(tmp_path: Path, tiny_folder: Path) -> None:
+    """Loss terms read on the host every 3 steps (as on CUDA, every 50) instead of every step: the
+    same weights, and the same train log to the bit (sums added in step order), across a checkpoint
+    at step 5 (epoch 2, step 1 of 4) that forces a read mid-way."""
+    every_step = small_trainer(tiny_folder, tmp_path / "every", epochs=2, quantized=True, save_every=5)
+    assert every_step.sync_every == 1  # the CPU default
+    every_step.fit()
+    batched = small_trainer(tiny_folder, tmp_path / "batched", epochs=2, quantized=True, save_every=5)
+    batched.sync_every = 3
+    reads = []
+    read = batched._read_terms
+    batched._read_terms = lambda: (reads.append(len(batched._unread)), read())[1]
+    batched.fit()
+    assert [n for n in reads if n] == [3, 1, 1, 3]  # steps 1-3, 4 (epoch end), 5 (checkpoint), 6-8
+    expected = every_step.model.state_dict()
+    assert all(torch.equal(value, expected[key]) for key, value in batched.model.state_dict().items())
+    assert _log(tmp_path / "batched") == _log(tmp_path / "every")
+
+
 def test_kill_between_log_line_and_state_save_leaves_no_duplicate(tmp_path: Path, tiny_folder: Path) -> None:
     import shutil
 
@@ -214,8 +233,13 @@ def test_kill_between_log_line_and_state_save_leaves_no_duplicate(tmp_path: Path
     assert _log(run) == _log(tmp_path / "whole")
 
 
-def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_path: Path, tiny_folder: Path) -> None:
+@pytest.mark.parametrize("sync_every", [1, 4], ids=["read-every-step", "read-every-4-steps"])
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_path: Path, tiny_folder: Path,
+                                                                         sync_every: int) -> None:
+    """Read every 4 steps, the NaN of step 6 is found after step 8, and still reported as step 6's
+    (epoch 2, step 2), with epoch 1's state kept: nothing is saved before its steps are read."""
     trainer = small_trainer(tiny_folder, tmp_path / "run", epochs=2, quantized=False)
+    trainer.sync_every = sync_every
 
     def poison(step: int) -> None:
         if step == 5:  # first step of epoch 2; epoch 1 ended with a checkpoint

@@ -246,6 +246,11 @@ class Trainer:
     epoch_sums: dict[str, float] = field(default_factory=dict)
     epoch_seen: int = 0
     epoch_seconds: float = 0.0
+    # read the step's loss terms on the host every N steps (0: every step on CPU, where reading
+    # costs nothing, every 50 on CUDA, where each read waits for the GPU to drain its queue and
+    # leaves it idle while the next step is prepared); a non-finite loss is still reported with the
+    # step it appeared at, and nothing is saved before the steps up to it are read
+    sync_every: int = 0
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
@@ -274,6 +279,11 @@ class Trainer:
         self.forward_step: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]] = self.task
         if self.config.compile:
             self.forward_step = compile_step(self.task, self.device)
+        if not self.sync_every:
+            self.sync_every = 1 if self.device.type == "cpu" else 50
+        self._unread: list[tuple[int, int, int, torch.Tensor]] = []  # (step in epoch, global step, images, terms)
+        self._term_names: list[str] = []
+        self._bar: Any = None  # the epoch's progress bar, if shown
         self.writer = None
         self._epoch_start: float | None = None
 
@@ -330,6 +340,7 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["rng_cuda"])
 
     def save_state(self) -> None:
+        self._read_terms()  # the state holds only steps whose loss was read and found finite
         if not is_main_process():
             return
         with atomic_path(self.run_dir / STATE_FILE) as tmp:
@@ -392,8 +403,8 @@ class Trainer:
             )
         if self.step_in_epoch == 0:
             self.epoch_sums, self.epoch_seen, self.epoch_seconds = {}, 0, 0.0
-        sums, seen = self.epoch_sums, self.epoch_seen
         start = self._epoch_start = time.perf_counter()
+        self._bar = bar
         self._epoch_hooks(order)
         batches = self._augmented_batches(order)
         try:
@@ -401,25 +412,24 @@ class Trainer:
                 x, targets = next(batches)
                 if self.world > 1:  # each process takes its share of the global batch
                     x, targets = x[self.rank::self.world], targets[self.rank::self.world]
-                terms = self._step(x, targets)  # means over the global batch
+                terms = self._step(x, targets)  # means over the global batch, on the device
                 self.step_in_epoch = b + 1
                 self.global_step += 1
-                for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + v * len(x) * self.world
-                seen += len(x) * self.world
-                self.epoch_seen = seen
+                self._unread.append((b, self.global_step, len(x) * self.world, terms))
+                if len(self._unread) >= self.sync_every:
+                    self._read_terms()
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{terms['loss']:.3f}", img_s=f"{seen / (time.perf_counter() - start):.0f}")
-                if self.writer is not None and self.global_step % 50 == 0:
-                    for k, v in terms.items():
-                        self.writer.add_scalar(f"train/{k}", v, self.global_step)
                 if config.save_every and self.global_step % config.save_every == 0:
                     self.save_state()
                 if self.on_step is not None:
                     self.on_step(self.global_step)
+            self._read_terms()
         finally:
+            self._unread.clear()
+            self._bar = None
             batches.close()  # stops augmentation workers at once on an error or Ctrl-C
+        sums, seen = self.epoch_sums, self.epoch_seen
         if bar is not None:
             bar.close()
         seconds = self.epoch_seconds + time.perf_counter() - start
@@ -479,28 +489,48 @@ class Trainer:
             yield (x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last),
                    targets.to(self.device, non_blocking=True))
 
-    def _step(self, x: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    def _step(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """One optimizer step; returns the loss terms (named in ``_term_names``) as one float32 tensor
+        on the device, not yet read (see ``sync_every``)."""
         with autocast(self.device, self.config.amp):
             terms = self.forward_step(x, targets)
-        loss = terms["loss"]
+        self._term_names = list(terms)
         # every process sees the global batch's terms (equal shares: the mean of the shards' means),
         # so all of them stop together on a non-finite loss instead of one waiting in the next all-reduce
         values = all_reduce_mean(torch.stack([v.detach().float() for v in terms.values()]))
-        global_terms = dict(zip(terms, values.tolist(), strict=True))
-        if not math.isfinite(global_terms["loss"]):
-            raise DaqkdError(
-                f"the loss became {global_terms['loss']} at epoch {self.epoch + 1}, step {self.step_in_epoch + 1}; "
-                + (f"the last good state is {self.run_dir / STATE_FILE}" if (self.run_dir / STATE_FILE).is_file()
-                   else "no checkpoint was written yet")
-                + ": check the data and the teacher, or start a new run (another --out) with lower learning rates "
-                "(--lr, --quant-lr)")
         for optimizer, _ in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        terms["loss"].backward()
         for optimizer, scheduler in self.optimizers:
             optimizer.step()
             scheduler.step()
-        return global_terms
+        return values
+
+    def _read_terms(self) -> None:
+        """Read the unread steps' loss terms (one device sync), stop at the first non-finite loss, and
+        add them to the epoch's sums in step order (the same sums whatever ``sync_every`` is)."""
+        if not self._unread:
+            return
+        rows = torch.stack([terms for *_, terms in self._unread]).tolist()
+        unread, self._unread = self._unread, []
+        for (b, global_step, images, _), row in zip(unread, rows, strict=True):
+            terms = dict(zip(self._term_names, row, strict=True))
+            if not math.isfinite(terms["loss"]):
+                raise DaqkdError(
+                    f"the loss became {terms['loss']} at epoch {self.epoch + 1}, step {b + 1}; "
+                    + (f"the last good state is {self.run_dir / STATE_FILE}" if (self.run_dir / STATE_FILE).is_file()
+                       else "no checkpoint was written yet")
+                    + ": check the data and the teacher, or start a new run (another --out) with lower learning "
+                    "rates (--lr, --quant-lr)")
+            for k, v in terms.items():
+                self.epoch_sums[k] = self.epoch_sums.get(k, 0.0) + v * images
+            self.epoch_seen += images
+            if self.writer is not None and global_step % 50 == 0:
+                for k, v in terms.items():
+                    self.writer.add_scalar(f"train/{k}", v, global_step)
+        if self._bar is not None and self._epoch_start is not None:
+            rate = self.epoch_seen / max(time.perf_counter() - self._epoch_start, 1e-9)
+            self._bar.set_postfix(loss=f"{terms['loss']:.3f}", img_s=f"{rate:.0f}")
 
     def _epoch_hooks(self, order: torch.Tensor) -> None:
         """Each quantizer class's ``on_epoch_start`` (EWGS's Hessian delta), at an epoch's start; the
