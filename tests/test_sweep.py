@@ -361,6 +361,46 @@ def test_student_workers_start_with_ctrl_c_blocked() -> None:
     assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
 
 
+def _hold_a_semaphore(ready: str) -> None:
+    """A pool task that, like a student whose quantizer kernels inductor compiled (tqdm's lock),
+    creates a named semaphore and keeps running."""
+    import multiprocessing
+    import time
+
+    global _held_lock
+    _held_lock = multiprocessing.get_context("spawn").RLock()
+    Path(ready + ".tmp").write_text(_held_lock._semlock.name)
+    Path(ready + ".tmp").rename(ready)
+    time.sleep(300)
+
+
+def test_terminated_student_workers_exit_through_their_finalizers(tmp_path: Path) -> None:
+    """Ctrl-C during a sweep terminates the pool (SIGTERM to each student): a student killed outright
+    left its semaphores to the resource tracker, which printed "There appear to be N leaked semaphore
+    objects" after the one `interrupted` line. Now the worker unwinds: exit status 128 + SIGTERM, and
+    its semaphore is unlinked (gone from /dev/shm) before the pool's join returns."""
+    import time
+
+    from daqkd import sweep_runner
+
+    shm = Path("/dev/shm")
+    assert shm.is_dir(), "this test looks for POSIX named semaphores in /dev/shm (Linux)"
+    context = sweep_runner._StudentContext()
+    pool = context.Pool(1, initializer=sweep_runner._start_worker, initargs=(context.Queue(),))
+    workers = list(pool._pool)
+    ready = tmp_path / "ready"
+    pool.apply_async(_hold_a_semaphore, (str(ready),))
+    deadline = time.monotonic() + 180
+    while not ready.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    semaphore = shm / f"sem.{ready.read_text().lstrip('/')}"
+    assert semaphore.exists()
+    pool.terminate()
+    pool.join()
+    assert [worker.exitcode for worker in workers] == [128 + signal.SIGTERM]
+    assert not semaphore.exists()
+
+
 H200_POINTS = [("randomerasing+cutmix", 0.41, 85.34), ("randaugment+cutmix", 0.46, 85.34),
                ("autoaugment-cifar10+cutmix", 0.49, 85.24), ("autoaugment-svhn+cutmix", 0.66, 85.15),
                ("none+cutmix", 0.25, 85.55)]

@@ -94,10 +94,18 @@ def parse_shard(shard: str | None) -> tuple[int, int]:
 _device_slots: Any = None
 
 
+def _stop_worker(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 def _start_worker(slots: Any) -> None:
-    """Workers leave Ctrl-C to the parent, which stops them all (no traceback per worker)."""
+    """Workers leave Ctrl-C to the parent, which stops them all (no traceback per worker). The
+    parent stops them with SIGTERM (``Pool.terminate``): here that unwinds the student's loop and
+    exits through multiprocessing's finalizers, which release the semaphores the student created
+    (a worker killed outright leaves them to the resource tracker, which warns about each at exit)."""
     global _device_slots
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _stop_worker)
     _device_slots = slots
 
 
