@@ -181,8 +181,9 @@ def compile_step(task: DistillTask, device: torch.device) -> Callable[[torch.Ten
     slowdown. The optimizer step stays eager: torch.optim breaks the graph around ``step()`` by
     design (pytorch#104053), so it would be a graph of its own, it needs tensor learning rates to
     avoid a recompilation per LR value, and tracing Adam over a ResNet-20's ~70 tensors took 2.5
-    minutes on our 2-core CPU (aot_eager, weights 6e-4 apart from eager after 5 steps), to replace
-    about ten multi-tensor kernel launches per step on CUDA (foreach Adam) with one or two.
+    minutes on our 2-core CPU (aot_eager, weights 6e-4 apart from eager after 5 steps; one by-hand
+    trial on 2026-11-29, beside other work), to replace about ten multi-tensor kernel launches per
+    step on CUDA (foreach Adam) with one or two (not measured).
 
     Under torch.distributed the student is DDP-wrapped, and DDP's forward (its bucket bookkeeping)
     runs eagerly by design: the step compiles as the graphs around it plus the student's own
