@@ -738,13 +738,22 @@ def test_a_real_full_disk_ends_in_one_line(tmp_path: Path, tiny_folder: Path) ->
 
 
 def test_feature_kd_without_usable_layers_is_one_line(tmp_path: Path, tiny_folder: Path,
-                                                       capsys: pytest.CaptureFixture[str]) -> None:
+                                                       capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import daqkd.api
+
+    def no_ranking(*args, **kwargs):
+        raise AssertionError("ranked before the student's checks")
+
+    monkeypatch.setattr(daqkd.api, "rank_and_save", no_ranking)  # --aug auto (the default) checks first
     teacher = tmp_path / "vgg"
     data = ["--data", str(tiny_folder), "--batch-size", "12", "--no-progress"]
     assert main(["teacher", *data, "--arch", "vgg8", "--epochs", "1", "--out", str(teacher)]) == 0
     capsys.readouterr()
-    for extra, message in ((["--kd", "at"], "has no residual stages"), (["--kd", "sp"], "pass --kd-layers")):
-        assert main(["train", *data, "--teacher", str(teacher), *extra, "--aug", "none", "--epochs", "1",
+    for extra, message in ((["--kd", "at", "--aug", "none"], "has no residual stages"),
+                           (["--kd", "sp", "--aug", "none"], "pass --kd-layers"),
+                           (["--kd", "sp"], "pass --kd-layers"), (["--arch", "vgg99"], "vgg99")):
+        assert main(["train", *data, "--teacher", str(teacher), *extra, "--epochs", "1",
                      "--out", str(tmp_path / "s")]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err

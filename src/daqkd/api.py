@@ -358,9 +358,9 @@ def train_run(options: TrainOptions, command: str, data: tuple[ImageSet, ImageSe
         for stale in (run / METRICS_FILE, run / RANK_FILE):
             stale.unlink(missing_ok=True)
     existed = run.exists()
-    model, loss, aug, metadata, teacher, quant_lr = build(options, train, device, run)  # --aug auto: rank.json
-    config = replace(config, aug=aug, quant_lr=quant_lr)
-    try:  # the Trainer checks the batch split across processes and --compile's backend
+    try:  # build checks the models (--aug auto then writes rank.json); the Trainer, the batch split and --compile
+        model, loss, aug, metadata, teacher, quant_lr = build(options, train, device, run)
+        config = replace(config, aug=aug, quant_lr=quant_lr)
         trainer = Trainer(model, loss, train, test, config, run, device, metadata,
                           teacher=teacher, progress=not options.no_progress)
     except DaqkdError:
@@ -422,16 +422,7 @@ def _build_student(options: StudentOptions, train: ImageSet, device: torch.devic
     arch = options.arch or teacher_meta["arch"]
     quant = options.quant_config()
     aug = options.aug or "auto"
-    if aug == "auto":
-        rank_file = run / RANK_FILE
-        candidates = parse_candidates(options.augs)
-        ranking = stored_ranking(rank_file, candidates)  # a resumed run keeps the pick it trains with
-        if ranking is None:
-            ranking = rank_and_save(teacher, train, candidates, options.seed, device, rank_file, is_main_process())
-        aug = ranking["selected"]
-        if is_main_process():
-            print(f"--aug auto: the metric selected {aug} (ranking in {rank_file})", flush=True)
-    parse_candidates(aug)
+    candidates = parse_candidates(options.augs if aug == "auto" else aug)
     student = create_model(arch, train.num_classes)
     if arch == teacher_meta["arch"] and not options.init:
         student.load_state_dict(teacher.model.state_dict())
@@ -440,13 +431,21 @@ def _build_student(options: StudentOptions, train: ImageSet, device: torch.devic
         load_state_dict_strict(student, state, options.init, arch)
     quantize_model(student, quant)
     model = NormalizedModel(student, teacher.normalization)
-    metadata = {"arch": arch, "classes": train.classes, "num_classes": train.num_classes,
-                "normalize": teacher.normalization.spec(), "quant": asdict(quant), "kind": "student",
-                "teacher": str(options.teacher), "aug": aug, "kd": options.kd}
     layers = tuple(name.strip() for name in options.kd_layers.split(",") if name.strip()) if options.kd_layers else ()
     loss = create_loss(options.kd, DistillConfig(gamma=options.gamma, alpha=options.alpha,
                                                  temperature=options.temperature, beta=options.beta, layers=layers))
     DistillTask(loss, model, teacher).close()  # the layers a feature loss needs exist in both models
+    if aug == "auto":  # last: a ranking takes minutes, and every check above takes none
+        rank_file = run / RANK_FILE
+        ranking = stored_ranking(rank_file, candidates)  # a resumed run keeps the pick it trains with
+        if ranking is None:
+            ranking = rank_and_save(teacher, train, candidates, options.seed, device, rank_file, is_main_process())
+        aug = ranking["selected"]
+        if is_main_process():
+            print(f"--aug auto: the metric selected {aug} (ranking in {rank_file})", flush=True)
+    metadata = {"arch": arch, "classes": train.classes, "num_classes": train.num_classes,
+                "normalize": teacher.normalization.spec(), "quant": asdict(quant), "kind": "student",
+                "teacher": str(options.teacher), "aug": aug, "kd": options.kd}
     return model, loss, aug, metadata, teacher, options.quant_lr
 
 
