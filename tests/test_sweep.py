@@ -199,6 +199,21 @@ def test_sweep_end_to_end_and_resumes(tmp_path: Path, tiny_folder: Path, capsys:
     assert "ranks other candidates" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("text", ["{not json", "[]", '{"candidates": [{"name": "none"}]}',
+                                  '{"candidates": [{"rank": 1}], "selected": "none"}',
+                                  '{"candidates": [{"name": "none"}], "selected": "randaugment"}'])
+def test_a_damaged_stored_ranking_is_an_error_that_names_the_fix(tmp_path: Path, text: str) -> None:
+    from daqkd.errors import DaqkdError
+    from daqkd.rundir import stored_ranking
+
+    (tmp_path / "rank.json").write_text(text)
+    with pytest.raises(DaqkdError, match="delete it"):
+        stored_ranking(tmp_path / "rank.json", ["none"])
+    (tmp_path / "rank.json").write_text('{"candidates": [{"name": "none"}], "selected": "none"}')
+    assert stored_ranking(tmp_path / "rank.json", ["none"])["selected"] == "none"
+    assert stored_ranking(tmp_path / "absent.json", ["none"]) is None
+
+
 def test_sweep_jobs_and_shards_train_the_same_students(tmp_path: Path, tiny_folder: Path,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
     """Side by side in worker processes on --devices (augmenting in processes of their own), or

@@ -141,7 +141,13 @@ def stored_ranking(path: str | Path, names: list[str]) -> dict[str, Any] | None:
     path = Path(path)
     if not path.is_file():
         return None
-    ranking = json.loads(path.read_text())
-    if sorted(c["name"] for c in ranking["candidates"]) != sorted(names):
+    try:  # written atomically by daqkd, but README invites copying one in: it may be anything
+        ranking = json.loads(path.read_text())
+        ranked = sorted(c["name"] for c in ranking["candidates"])
+        selected = ranking["selected"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DaqkdError(f"{path} is not a daqkd ranking ({type(exc).__name__}: {exc}): delete it to rank "
+                         "again") from exc
+    if ranked != sorted(names) or selected not in names:
         raise DaqkdError(f"{path} ranks other candidates than --augs: use another --out, or delete it")
     return ranking
