@@ -189,6 +189,36 @@ def test_batch_must_split_evenly(tiny_folder: Path, tmp_path: Path, monkeypatch:
     assert not (tmp_path / "odd").exists()  # no half-made run directory
 
 
+def test_under_torchrun_each_process_takes_the_gpu_of_its_local_rank(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA placement logic, on CPU with CUDA's answers stubbed: 4 visible GPUs, local rank 2 of 4."""
+    import torch.distributed as dist
+
+    from daqkd.errors import DaqkdError
+    from daqkd.runtime import select_device
+
+    current: list[torch.device] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert select_device("auto") == select_device("cuda") == torch.device("cuda", 2)
+    assert current == [torch.device("cuda", 2)] * 2  # made the current device, as NCCL expects
+    assert select_device("cpu") == torch.device("cpu")
+    with pytest.raises(DaqkdError, match="would put them all on one GPU: pass --device cuda"):
+        select_device("cuda:1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # one process per node may pick its GPU
+    assert select_device("cuda:1") == torch.device("cuda", 1)
+    monkeypatch.setenv("LOCAL_RANK", "5")
+    with pytest.raises(DaqkdError, match="only 4 CUDA device"):
+        select_device("cuda")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)  # without torchrun: as asked, current device untouched
+    current.clear()
+    assert select_device("cuda") == torch.device("cuda") and select_device("cuda:3") == torch.device("cuda", 3)
+    assert current == []
+
+
 def test_a_torchrun_group_of_one_takes_the_ddp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """torchrun --nproc_per_node 1 joins a process group of one, so its training step is DDP's, the
     code path of several processes (benchmarks/gpu_issue16.sh compares it with a plain run on a GPU).

@@ -12,20 +12,35 @@ from .errors import DaqkdError
 
 
 def select_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when available, else CPU; ``cpu``, ``cuda``, ``cuda:N`` force one."""
+    """``auto`` picks CUDA when available, else CPU; ``cpu``, ``cuda``, ``cuda:N`` force one.
+
+    Under torchrun, ``auto`` and ``cuda`` mean ``cuda:LOCAL_RANK`` (one GPU per process, made the
+    current device, as NCCL expects); a fixed ``cuda:N`` is refused when several processes share the
+    node, since they would all land on one GPU."""
+    distributed = dist.is_available() and dist.is_initialized()
     if name == "auto":
-        if dist.is_available() and dist.is_initialized() and torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError as exc:
         raise DaqkdError(f"unknown --device {name!r}: use auto, cpu, cuda or cuda:N") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DaqkdError(f"--device {name} asked for CUDA, but no CUDA device is available: use --device cpu")
+    if device.type == "cuda" and distributed:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        if device.index is not None and local_processes > 1:
+            raise DaqkdError(f"--device {name} under torchrun with {local_processes} processes on this node would put "
+                             "them all on one GPU: pass --device cuda (process k takes cuda:k; choose the GPUs with "
+                             "CUDA_VISIBLE_DEVICES)")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise DaqkdError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible "
-                         f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+        raise DaqkdError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible "
+                         f"(cuda:0..cuda:{torch.cuda.device_count() - 1}); under torchrun use at most that many "
+                         "--nproc_per_node")
+    if device.type == "cuda" and distributed:
+        torch.cuda.set_device(device)
     return device
 
 
