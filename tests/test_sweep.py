@@ -87,6 +87,36 @@ def test_analysis_controls_gains_and_verdict() -> None:
     assert "| none (default, not a candidate) |" in text
 
 
+def test_report_and_plot_name_the_score_the_ranking_used(tmp_path: Path) -> None:
+    """A rank.json made with another --cmi-weight (a sweep reuses one copied in) is labelled as such;
+    the plot is written atomically (a failed save leaves neither the file nor a temporary)."""
+    from daqkd.sweep import scatter_plot
+
+    meta = {"title": "t", "runs_finished": 15, "runs_total": 15, "train_seconds": 3600, "device": "cpu",
+            "command": "daqkd sweep"}
+    ranking = fake_ranking(SCORES, VARIANCES)
+    assert "| metric score (centroid CE - CMI) |" in report_markdown(
+        analyze(ranking, fake_runs(3), list(SCORES), default="none"), meta)
+    ranking["config"]["cmi_weight"] = 0.5
+    result = analyze(ranking, fake_runs(3), list(SCORES), default="none")
+    text = report_markdown(result, meta)
+    assert "| metric score (centroid CE - 0.5 x CMI) |" in text and "| per-sample score (CE - 0.5 x CMI) |" in text
+    scatter_plot(result, tmp_path / "scatter.png", "t")
+    assert (tmp_path / "scatter.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["scatter.png"]
+    import matplotlib.figure
+
+    def disk_full(self, path, **kwargs):
+        Path(path).write_bytes(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(matplotlib.figure.Figure, "savefig", disk_full)
+        with pytest.raises(OSError):
+            scatter_plot(result, tmp_path / "broken.png", "t")
+    assert [p.name for p in tmp_path.iterdir()] == ["scatter.png"]
+
+
 def test_analysis_warns_on_few_seeds_and_a_pick_equal_to_the_default() -> None:
     result = analyze(fake_ranking(SCORES, VARIANCES), fake_runs(2), list(SCORES), default="none")
     warnings = result["warnings"]

@@ -295,6 +295,12 @@ def variance_standard_error(variance: float, groups: int) -> float | None:
 SCORES = ("paper", "sample", "authors")
 
 
+def score_formula(kind: str = "paper", cmi_weight: float = 1.0) -> str:
+    """:func:`score` in words, for labels: ``"centroid CE - CMI"``, ``"CE - 0.5 x CMI"``, ..."""
+    first, cmi = {"paper": ("centroid CE", "CMI"), "sample": ("CE", "CMI"), "authors": ("CE", "authors' CMI")}[kind]
+    return f"{first} - {cmi}" if cmi_weight == 1 else f"{first} - {cmi_weight:g} x {cmi}"
+
+
 def score(figures: dict[str, float], kind: str = "paper", cmi_weight: float = 1.0) -> float:
     """The ranking score, lower is better: ``paper`` = centroid_ce - w * cmi, ``sample`` = ce - w * cmi,
     ``authors`` = ce - w * authors_cmi (their code: per-sample KL to centroids of a separate pass)."""

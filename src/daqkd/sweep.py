@@ -12,7 +12,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from .metric import variance_standard_error
+from .metric import score_formula, variance_standard_error
+from .rundir import atomic_path
 from .stats import Correlation, Gain, paired_gain, rank_correlation
 
 # Each control ranks the candidates from the teacher's predictions alone: (the ranking's figure,
@@ -31,6 +32,18 @@ CONTROL_LABELS = {
     "centroid_ce": "centroid CE alone", "cmi": "CMI alone", "sample_score": "per-sample score (CE - CMI)",
     "variance": "variance (Wang et al. 2022)", "authors_score": "authors' computation (reproduction)",
 }
+
+
+def control_label(name: str, analysis: dict[str, Any]) -> str:
+    """CONTROL_LABELS[name], with the score's formula as the sweep's ranking computed it (--score,
+    --cmi-weight); results.json files written before the formula was recorded used the defaults."""
+    if name == "score" and "score_formula" in analysis:
+        return f"metric score ({analysis['score_formula']})"
+    if name == "sample_score" and "sample_score_formula" in analysis:
+        return f"per-sample score ({analysis['sample_score_formula']})"
+    return CONTROL_LABELS[name]
+
+
 MIN_SEEDS = 3  # below this a paired comparison gets a warning
 
 
@@ -186,6 +199,8 @@ def analyze(ranking: dict[str, Any], runs: list[dict[str, Any]], candidates: lis
 
     agreement = correlation([c["score"] for c in swept], [c["teacher_accuracy"] for c in swept])
     analysis = {"candidates": rows, "summary": summary, "default": default, "controls": controls, "gain": gain,
+                "score_formula": score_formula(score_kind, cmi_weight),
+                "sample_score_formula": score_formula("sample", cmi_weight),
                 "score_vs_teacher_accuracy_spearman": agreement.spearman if agreement else None,
                 "score_vs_teacher_accuracy": _corr_dict(agreement)}
     analysis["verdict"], analysis["warnings"] = verdict_lines(analysis, picks)
@@ -322,7 +337,7 @@ def scatter_plot(analysis: dict[str, Any], path: str | Path, title: str) -> None
         ax.text(0.02, 0.02, f"Spearman {corr['spearman']:+.2f} (p={corr['spearman_p']:.2g}), "
                 f"Kendall {corr['kendall']:+.2f} (p={corr['kendall_p']:.2g}), {corr['p_method']} p",
                 transform=ax.transAxes, fontsize=8, color="0.3")
-    ax.set_xlabel("metric score = centroid CE - CMI (lower is better)")
+    ax.set_xlabel(f"metric score = {analysis.get('score_formula', 'centroid CE - CMI')} (lower is better)")
     ax.set_ylabel("student test top-1 (%)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
@@ -331,10 +346,11 @@ def scatter_plot(analysis: dict[str, Any], path: str | Path, title: str) -> None
     fig.tight_layout()
     ax.autoscale_view()  # final limits and layout first: the overlap test works in pixels
     place_labels(fig, ax, [(r["name"], r["score"], r["top1"]) for r in rows])
-    tmp = Path(str(path) + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
 
 
 def _pct(value: float | None) -> str:
@@ -392,7 +408,7 @@ def report_markdown(analysis: dict[str, Any], meta: dict[str, Any]) -> str:
         "| figure | better | Spearman rho | p | Kendall tau | p | p-values | direction |",
         "|---|---|---|---|---|---|---|---|",
         *[
-            _corr_line(CONTROL_LABELS[name], analysis["controls"].get(name))
+            _corr_line(control_label(name, analysis), analysis["controls"].get(name))
             for name in CONTROLS
             if name in analysis["controls"]
         ],
