@@ -120,6 +120,11 @@ def test_rank_authors_variant_and_wang_variance_protocol(tiny_folder: Path, tiny
         assert c["score"] == p["score"] and c["variance"] != p["variance"]
         assert c["variance_se"] == pytest.approx(c["variance"] / math.sqrt(2 * (c["variance_groups"] - 1)))
     assert wang["config"]["variance_protocol"] == "wang"
+    # images_per_s counts every pass: 1 plain, 2 with the authors' centroid pass, 84 under wang
+    wang_passes = math.ceil(1000 / plain["candidates"][0]["variance_groups"])
+    for report, passes in ((plain, 1), (both, 2), (wang, wang_passes)):
+        for c in report["candidates"]:
+            assert c["images_per_s"] * c["seconds"] == pytest.approx(report["images"] * passes)
 
 
 def test_identity_accuracy_matches_plain_evaluation(shared_cifar10: Path, shared_resnet20: Path,
