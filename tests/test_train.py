@@ -621,14 +621,29 @@ def test_resume_rejects_changed_options_and_the_wrong_command(tmp_path: Path, ti
     for args, message in (
         (["teacher", "--resume", "--out", str(run), "--epochs", "5", "--lr", "0.5"],
          "--epochs 5 (stored 1), --lr 0.5 (stored 0.1) would change the run: drop them"),
+        (["teacher", "--resume", "--out", str(run), "--batch-size", "256"],  # the default, but not the stored value
+         "--batch-size 256 (stored 12) would change the run: drop it"),
         (["train", "--resume", "--out", str(run)], "is a `daqkd teacher` run: resume it with daqkd teacher --resume"),
     ):
         assert main(args) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
     assert (run / "config.json").read_text() == config  # nothing on disk changed
-    # options that may change on a resume do
-    assert main(["teacher", "--resume", "--out", str(run), "--eval-every", "3", "--no-progress"]) == 0
+    # options that may change on a resume do, and a stored value given again is no change
+    assert main(["teacher", "--resume", "--out", str(run), "--eval-every", "3", "--batch-size", "12",
+                 "--no-progress"]) == 0
+
+
+def test_resume_from_another_directory_reads_the_runs_relative_paths(tmp_path: Path, tiny_folder: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tiny_folder.parent)
+    run = tmp_path / "t"
+    assert main(["teacher", "--data", tiny_folder.name, "--arch", "resnet20", "--epochs", "1", "--batch-size", "12",
+                 "--out", str(run), "--no-progress"]) == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # --data is relative to where the run started, not to here
+    assert main(["teacher", "--resume", "--out", str(run), "--no-progress"]) == 0
 
 
 @pytest.mark.parametrize("epoch", [1, 2])

@@ -68,8 +68,24 @@ class CommandOptions:
 
     @classmethod
     def from_namespace(cls, namespace: Any) -> Self:
-        """The options of an argparse Namespace (or any object with these attributes)."""
-        return cls(**{f.name: getattr(namespace, f.name) for f in fields(cls) if hasattr(namespace, f.name)})
+        """The options of an argparse Namespace (or any object with these attributes); its
+        ``explicit_options`` (the names the command line gave, if the CLI recorded them) are kept
+        for :meth:`explicit`."""
+        options = cls(**{f.name: getattr(namespace, f.name) for f in fields(cls) if hasattr(namespace, f.name)})
+        given = getattr(namespace, "explicit_options", None)
+        if given is not None:
+            options._explicit = frozenset(given)
+        return options
+
+    def explicit(self) -> frozenset[str]:
+        """The options set on purpose: those the command line gave when it was recorded, else (built
+        by hand) those that differ from the defaults. A value equal to the default is a choice too
+        on a command line (``--resume --lr 0.1`` on a run stored with another LR)."""
+        given = getattr(self, "_explicit", None)
+        if given is not None:
+            return given
+        defaults = type(self)()
+        return frozenset(f.name for f in fields(self) if getattr(self, f.name) != getattr(defaults, f.name))
 
 
 @dataclass
@@ -297,6 +313,8 @@ def data_statistics(data: ImageSet) -> Normalization:
 # Options a resumed run takes from the command that resumes it; every other option comes from
 # RUN/config.json, and giving it another value with --resume is an error naming it.
 RESUME_KEEPS = ("resume", "out", "no_progress", "device", "save_every", "eval_every", "augment_workers")
+# Stored paths relative to the directory the run started in (config.json's cwd).
+PATH_OPTIONS = ("data", "data_root", "teacher", "init", "weights")
 
 
 def prepare_run(options: Options, command: str) -> tuple[Options, Path]:
@@ -318,15 +336,18 @@ def prepare_run(options: Options, command: str) -> tuple[Options, Path]:
         if stored_command != command:
             raise DaqkdError(f"{run} is a `daqkd {stored_command}` run: resume it with daqkd {stored_command} "
                              f"--resume --out {run}")
-        defaults = type(options)()
         names = {f.name for f in fields(options)}
-        changed = [name for name in sorted(names - set(RESUME_KEEPS)) if name in stored
-                   and getattr(options, name) != getattr(defaults, name) and getattr(options, name) != stored[name]]
+        changed = [name for name in sorted(options.explicit() & names - set(RESUME_KEEPS)) if name in stored
+                   and getattr(options, name) != stored[name]]
         if changed:
             listed = ", ".join(f"--{n.replace('_', '-')} {getattr(options, n)!r} (stored {stored[n]!r})"
                                for n in changed)
             raise DaqkdError(f"--resume continues {run} with its stored options; {listed} would change the run: drop "
                              f"{'it' if len(changed) == 1 else 'them'}, or start a new run in another --out")
+        start = saved.get("cwd")
+        if isinstance(start, str) and Path(start) != Path.cwd():  # resumed from elsewhere: paths stay the run's
+            stored = {k: str(Path(start) / v) if k in PATH_OPTIONS and isinstance(v, str) and
+                      not Path(v).expanduser().is_absolute() else v for k, v in stored.items()}
         options = replace(options, **{k: v for k, v in stored.items() if k in names and k not in RESUME_KEEPS})
     elif (run / STATE_FILE).exists():
         raise DaqkdError(f"{run} already holds a run: pass --resume to continue it, or another --out")

@@ -32,6 +32,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def explicit_options(argv: Sequence[str] | None) -> frozenset[str]:
+    """The options ``argv`` gives, as destination names, told apart from argparse's defaults by a
+    second parse in which every option of every command defaults to SUPPRESS (absent if not given)."""
+    parser = build_parser()
+    commands = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for command in commands:
+        for sub in command.choices.values():
+            for action in sub._actions:
+                action.default = argparse.SUPPRESS
+            sub._defaults.clear()  # set_defaults(func=...)
+    return frozenset(vars(parser.parse_args(argv))) - {"command"}
+
+
 def interrupted_message(args: argparse.Namespace) -> str:
     """What a Ctrl-C leaves behind, and how to go on."""
     out = getattr(args, "out", None)
@@ -59,6 +72,7 @@ def show_warning(message: Warning | str, category: type[Warning], filename: str,
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.explicit_options = explicit_options(argv)  # --resume refuses a stored option given again otherwise
     previous = warnings.showwarning
     warnings.showwarning = show_warning
     try:
