@@ -39,7 +39,8 @@ def add_foreign_args(group: Any, what: str = "weights") -> None:
                        f"{', '.join(NAMED_NORMALIZATIONS)} or m1,m2,m3:s1,s2,s3")
 
 
-def add_optim_args(parser: argparse.ArgumentParser, *, lr: float, optimizer: str, aug: str | None) -> None:
+def add_optim_args(parser: argparse.ArgumentParser, *, lr: float, optimizer: str, aug: str | None,
+                   resume: bool = True) -> None:
     g = parser.add_argument_group("optimization")
     g.add_argument("--epochs", type=int, default=1, help="training epochs (default %(default)s)")
     g.add_argument("--batch-size", type=int, default=256, help="images per batch (default %(default)s)")
@@ -68,5 +69,6 @@ def add_optim_args(parser: argparse.ArgumentParser, *, lr: float, optimizer: str
                    help="first K train images of each class, the test split untouched (data-limited training; "
                         "--limit-per-class limits both)")
     g.add_argument("--out", required=True, metavar="RUN", help="run directory")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    if resume:  # a sweep always resumes its students: rerunning its command continues it
+        g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")

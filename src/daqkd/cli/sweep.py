@@ -19,8 +19,8 @@ def add_parser(subparsers: Any) -> None:
         description="Rank --augs once with the teacher, train one student per candidate and seed "
                     "(the options of `daqkd train`), and write results.json, report.md and scatter.png.")
     add_data_args(p, split=False)
-    add_student_args(p)
-    add_optim_args(p, lr=DEFAULTS.lr, optimizer=DEFAULTS.optimizer, aug=None)
+    add_student_args(p, resume=False)
+    add_optim_args(p, lr=DEFAULTS.lr, optimizer=DEFAULTS.optimizer, aug=None, resume=False)
     p.add_argument("--seeds", type=int, default=1, help="students per DA, seeds --seed .. --seed+S-1")
     p.add_argument("--default", metavar="DA",
                    help="the DA also trained for comparison, candidate or not (default: none, plain crop + flip)")

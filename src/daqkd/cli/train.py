@@ -24,11 +24,11 @@ def add_parser(subparsers: Any) -> None:
     s.set_defaults(func=cmd_train)
 
 
-def add_student_args(s: argparse.ArgumentParser) -> None:
-    """The student's options, shared by `daqkd train` and `daqkd sweep`."""
+def add_student_args(s: argparse.ArgumentParser, resume: bool = True) -> None:
+    """The student's options, shared by `daqkd train` and `daqkd sweep` (which has no --resume)."""
     s.add_argument("--teacher", metavar="RUN|FILE",
                    help="a daqkd teacher run or checkpoint, or published weights (with --normalize, and --teacher-arch "
-                        "or --arch); required, except with --resume")
+                        "or --arch); required, except with " + ("--resume" if resume else "--report-only"))
     s.add_argument("--arch", help="student architecture (default: the teacher's; it then starts from its weights)")
     s.add_argument("--teacher-arch", help="architecture of published --teacher weights (default: --arch)")
     s.add_argument(
