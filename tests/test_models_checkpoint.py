@@ -198,3 +198,29 @@ def test_torn_last_metrics_line_is_an_unfinished_epoch(tmp_path: Path) -> None:
     (tmp_path / "metrics.jsonl").write_text(lines[0][:10] + "\n" + lines[1] + "\n")
     with pytest.raises(DaqkdError, match="line 1 is not JSON"):
         read_history(tmp_path)
+
+
+def test_atomic_writes_reach_the_disk_before_the_rename(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fsync of the new file, then the rename, then fsync of the directory: a power loss leaves the
+    old file or the new one, never an empty one."""
+    import os
+
+    from daqkd import rundir
+
+    events: list[str] = []
+    real_fsync, real_replace, real_open = os.fsync, os.replace, os.open
+    opened: dict[int, str] = {}
+
+    def record_open(path, flags, *args):
+        fd = real_open(path, flags, *args)
+        opened[fd] = Path(path).name
+        return fd
+
+    monkeypatch.setattr(os, "open", record_open)
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(f"fsync {opened.get(fd, '?')}"), real_fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(f"replace {Path(b).name}"), real_replace(a, b)))
+    (tmp_path / "run").mkdir()
+    rundir.write_json_atomic(tmp_path / "run" / "config.json", {"a": 1})
+    assert events[0].startswith("fsync config.json.") and events[0].endswith(".tmp")
+    assert events[1:] == ["replace config.json", "fsync run"]
+    assert json.loads((tmp_path / "run" / "config.json").read_text()) == {"a": 1}

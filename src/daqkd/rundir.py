@@ -36,7 +36,11 @@ TRAIN_LOG = "train.log"
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it over ``path`` when the block succeeds,
-    delete it when the block fails."""
+    delete it when the block fails.
+
+    The new contents reach the disk (fsync) before the rename, and the rename before return
+    (fsync of the directory): after a power loss ``path`` holds the old file or the new one, never
+    an empty one, and the file a caller just wrote is there."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
@@ -44,10 +48,21 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual mode
+        _fsync(tmp)
         os.replace(tmp, path)
+        if os.name == "posix":  # a directory cannot be opened for fsync on Windows
+            _fsync(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _fsync(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:
