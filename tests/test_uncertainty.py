@@ -18,12 +18,18 @@ from daqkd.rank import RankConfig, TeacherRunner, combined_se, rank_candidates, 
 BLOCKS = 32
 
 
-def synthetic_pass(generator: torch.Generator, n: int, k: int, margin: float, soft: bool) -> DAStatistics:
+def synthetic_pass(generator: torch.Generator, n: int, k: int, margin: float, soft: bool,
+                   images: tuple[torch.Tensor, torch.Tensor] | None = None) -> DAStatistics:
     """One pass of a synthetic teacher: logits = margin * one-hot(label) + N(0, 1); under ``soft``,
-    CutMix-like labels mixing each sample's class with its neighbour's at lambda ~ U(0, 1)."""
-    labels = torch.randint(0, k, (n,), generator=generator)
-    logits = margin * torch.nn.functional.one_hot(labels, k).double() + torch.randn(n, k, generator=generator,
-                                                                                     dtype=torch.float64)
+    CutMix-like labels mixing each sample's class with its neighbour's at lambda ~ U(0, 1).
+    ``images`` = (labels, noise) shared with other passes: the same images seen by another teacher
+    view, whose predictions then correlate as a real teacher's under two DAs do."""
+    if images is None:
+        labels = torch.randint(0, k, (n,), generator=generator)
+        noise = torch.randn(n, k, generator=generator, dtype=torch.float64)
+    else:
+        labels, noise = images
+    logits = margin * torch.nn.functional.one_hot(labels, k).double() + noise
     targets: torch.Tensor = labels
     if soft:
         lam = torch.rand(n, 1, generator=generator, dtype=torch.float64)
@@ -77,12 +83,18 @@ def test_combined_se_of_repeats() -> None:
     assert combined_se([0.9, 1.0, 1.1], [0.001] * 3) == pytest.approx((0.01 / 3) ** 0.5)
 
 
-def verdict_for(margins: dict[str, float], seed: int = 0) -> dict:
-    """stability_verdict over synthetic candidates, built as rank_candidates builds its inputs: the
-    same images (labels) under every candidate, each with its own noise."""
+def verdict_for(margins: dict[str, float], seed: int = 0, same_images: bool = False) -> dict:
+    """stability_verdict over synthetic candidates, built as rank_candidates builds its inputs (a
+    jackknife over the same blocks for every candidate). ``same_images``: one set of labels and
+    noise under every candidate (paired, as real passes over one split are); else each candidate
+    draws its own (independent candidates)."""
+    shared = torch.Generator().manual_seed(seed * 100 + 99)
+    images = (torch.randint(0, 10, (2000,), generator=shared), torch.randn(2000, 10, generator=shared,
+                                                                           dtype=torch.float64))
     rows, loo_by_name = [], {}
     for i, (name, margin) in enumerate(margins.items()):
-        stats = synthetic_pass(torch.Generator().manual_seed(seed * 100 + i), 2000, 10, margin, soft=False)
+        stats = synthetic_pass(torch.Generator().manual_seed(seed * 100 + i), 2000, 10, margin, soft=False,
+                               images=images if same_images else None)
         figures, loo = stats.compute(), stats.jackknife()
         rows.append({"name": name, "score": score(figures)})
         loo_by_name[name] = ([score(figures)], [score(loo)])
@@ -103,6 +115,24 @@ def test_verdict_names_the_winner_of_clearly_different_candidates() -> None:
     assert clear["selected"] == "strong" and clear["verdict"] == "separated"
     assert clear["probability_selected_ahead"] > 0.999 and clear["tied_with_selected"] == []
     assert "is ahead of the runner-up weak" in clear["text"]
+
+
+def test_the_paired_jackknife_separates_close_candidates_seen_on_the_same_images() -> None:
+    # a margin 2.02 against 2.0: on the same images (labels and noise shared, as a real split's
+    # passes are) the gap's paired SE is ~1e-4 and every seed separates them; drawn independently
+    # the same gap is within noise (SE ~0.016) at most seeds
+    paired = [verdict_for({"a": 2.0, "b": 2.02}, seed, same_images=True) for seed in range(10)]
+    assert all(v["verdict"] == "separated" and v["selected"] == "b" for v in paired)
+    assert all(v["gap_se"] < 0.01 * verdict_for({"a": 2.0, "b": 2.02}, seed)["gap_se"] for seed, v in enumerate(paired))
+    unpaired = [verdict_for({"a": 2.0, "b": 2.02}, seed)["verdict"] for seed in range(10)]
+    assert unpaired.count("tie") >= 6
+
+
+def test_identical_candidates_are_a_tie() -> None:
+    # the same images and predictions under two names: gap 0 with standard error 0
+    verdict = verdict_for({"a": 2.0, "b": 2.0}, same_images=True)
+    assert (verdict["gap"], verdict["gap_se"]) == (0.0, 0.0)
+    assert verdict["verdict"] == "tie" and verdict["probability_selected_ahead"] == 0.5
 
 
 def test_cutmix_groups_draw_independently_and_keep_each_sample_a_cutmix_sample() -> None:

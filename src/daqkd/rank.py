@@ -295,6 +295,13 @@ def combined_se(values: list[float], jackknife_variances: list[float]) -> float:
 Z_95 = 1.959964  # two-sided 95 %: a gap under 1.96 standard errors is a tie
 
 
+def _z(gap: float, se: float) -> float:
+    """gap / se; without spread (se 0) a positive gap is certain and a zero gap is a tie."""
+    if se > 0:
+        return gap / se
+    return math.inf if gap > 0 else 0.0
+
+
 def stability_verdict(ranked: list[dict[str, Any]],
                       leave_one_out: dict[str, tuple[list[float], list[torch.Tensor]]]) -> dict[str, Any] | None:
     """How sure the selection is: each candidate's gap in score to the selected one, the gap's
@@ -312,12 +319,11 @@ def stability_verdict(ranked: list[dict[str, Any]],
         gaps = [v - t for v, t in zip(values, top_values)]
         gap_var = [jackknife_se(a - b) ** 2 for a, b in zip(loo, top_loo)]
         gap, gap_se = sum(gaps) / len(gaps), combined_se(gaps, gap_var)
-        z = gap / gap_se if gap_se > 0 else math.inf
         row.update(behind_selected=gap, behind_selected_se=gap_se)
-        if z < Z_95:
+        if _z(gap, gap_se) < Z_95:
             tied.append(row["name"])
     runner_up = ranked[1]
-    z = runner_up["behind_selected"] / runner_up["behind_selected_se"] if runner_up["behind_selected_se"] else math.inf
+    z = _z(runner_up["behind_selected"], runner_up["behind_selected_se"])
     probability = 0.5 * math.erfc(-z / math.sqrt(2))  # Phi(z)
     separated = runner_up["name"] not in tied
     gap_text = f"{runner_up['behind_selected']:.4f} ± {runner_up['behind_selected_se']:.4f}"
