@@ -163,17 +163,43 @@ def test_score_variants() -> None:
         score(figures, "bogus")
 
 
-def test_all_reduce_in_a_one_process_group(tmp_path) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+def _shard_and_reduce(rank: int, store: str, out: str) -> None:
+    """One of two gloo processes: its interleaved half of ALL_LOGITS, then all_reduce."""
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
-        stats = DAStatistics(3, group_size=4)
-        stats.update(torch.randn(10, 3), torch.randint(0, 3, (10,)))
-        before = stats.compute()
+        logits, targets, blocks = _two_process_data()
+        stats = DAStatistics(3, group_size=4, blocks=4)
+        stats.update(logits[rank::2], targets[rank::2], block_ids=blocks[rank::2])
         stats.all_reduce()
-        after = stats.compute()
-        assert after == pytest.approx(before)
+        if rank == 0:
+            torch.save({"figures": stats.compute(), "loo": stats.jackknife()}, out)
     finally:
         dist.destroy_process_group()
+
+
+def _two_process_data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.randn(40, 3, generator=generator, dtype=torch.float64)
+    return logits, torch.randint(0, 3, (40,), generator=generator), torch.arange(40) // 10  # 4 blocks of 10
+
+
+def test_two_processes_reduce_to_the_single_process_statistics(tmp_path) -> None:
+    # each process sees every other image; after all_reduce the figures and every leave-one-block-out
+    # value equal one process's over all 40 (the variance's groups are per process: not compared)
+    import torch.multiprocessing as mp
+
+    mp.spawn(_shard_and_reduce, args=(str(tmp_path / "store"), str(tmp_path / "out.pt")), nprocs=2)
+    reduced = torch.load(tmp_path / "out.pt", weights_only=True)
+    logits, targets, blocks = _two_process_data()
+    single = DAStatistics(3, group_size=4, blocks=4)
+    single.update(logits, targets, block_ids=blocks)
+    expected = single.compute()
+    for key in ("cmi", "centroid_ce", "ce", "accuracy", "images"):
+        assert reduced["figures"][key] == pytest.approx(expected[key], rel=1e-12), key
+    expected_loo = single.jackknife()
+    assert set(reduced["loo"]) == set(expected_loo)
+    for key, values in expected_loo.items():
+        assert values.shape == (4,) and torch.allclose(reduced["loo"][key], values, rtol=1e-12, atol=0), key
 
 
 def authors_reference(p1: torch.Tensor, y1: torch.Tensor, p2: torch.Tensor, y2: torch.Tensor, soft: bool) -> float:
