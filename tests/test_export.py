@@ -339,3 +339,15 @@ def test_missing_extra_names_it(monkeypatch: pytest.MonkeyPatch, trained_runs: t
     assert main(["export", str(student), "--out", str(tmp_path / "m.onnx")]) == 2
     err = capsys.readouterr().err
     assert "pip install 'daqkd[export]'" in err and err.count("\n") == 1
+
+
+def test_weight_codes_find_their_own_layer_by_whole_name() -> None:
+    from daqkd.export import _owner_of
+
+    layers = {"features_3": "features.3", "features_31": "features.31", "conv1": "conv1",
+              "layer1_0_conv1": "layer1.0.conv1"}
+    assert _owner_of("model.features.31.weight_codes", layers) == "features.31"
+    assert _owner_of("p_model_features_3_weight_codes", layers) == "features.3"
+    assert _owner_of("model.layer1.0.conv1.weight_codes", layers) == "layer1.0.conv1"
+    assert _owner_of("model.conv1.weight_codes", layers) == "conv1"
+    assert _owner_of("model.features.30.weight_codes", layers) is None

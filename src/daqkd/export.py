@@ -29,6 +29,7 @@ import copy
 import importlib
 import json
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,6 +137,15 @@ def weight_codes(fake_quantized: torch.Tensor, grid: Any) -> torch.Tensor:
                          f"levels, codes {int(codes.min())}..{int(codes.max())} vs {grid.qmin}..{grid.qmax}): "
                          "this quantizer's grid() does not match its quantize()")
     return codes.to(torch.int8 if grid.qmin < 0 else torch.uint8)
+
+
+def _owner_of(initializer: str, layers_by_key: dict[str, str]) -> str | None:
+    """The layer whose weight codes ``initializer`` holds: its name, with '.' as '_', appears in the
+    initializer's between name boundaries, the longest such (``features_3`` must not claim
+    ``features_31_weight_codes``, nor ``conv1`` claim ``layer1_0_conv1_weight_codes``)."""
+    name = initializer.replace(".", "_")
+    matches = [key for key in layers_by_key if re.search(rf"(^|_){re.escape(key)}(_|$)", name)]
+    return layers_by_key[max(matches, key=len)] if matches else None
 
 
 class ExportedLayer(nn.Module):
@@ -293,7 +303,7 @@ def _store_codes_narrow(proto: Any, layers: dict[str, dict[str, Any]]) -> None:
     for code_name in code_names:
         tensor = initializers[code_name]
         values = numpy_helper.to_array(tensor)
-        owner = next((layer for key, layer in by_name.items() if key in code_name.replace(".", "_")), None)
+        owner = _owner_of(code_name, by_name)
         if owner is None or layers[owner]["weight_range"] is None:
             raise DaqkdError(f"internal error: weight codes {code_name} match no quantized layer")
         qmin, qmax = layers[owner]["weight_range"]
