@@ -241,3 +241,18 @@ def test_one_shared_warp_equals_each_geometric_op_alone(interpolation: str) -> N
         ours = apply_ops(batch, op_index, magnitude, names, interpolation)
         assert torch.equal(ours, apply_ops_one_by_one(batch, op_index, magnitude, names, interpolation))
         assert not torch.equal(ours, batch)
+
+
+def test_seeded_mixers_and_custom_das_leave_the_cuda_generators_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CutMix and per-image custom DAs seed torchvision's draws on the CPU generator only; reseeding
+    CUDA's (as torch.manual_seed does) would make GPU-side randomness depend on --augment-workers."""
+    from daqkd.augment.custom import PerImageDA
+
+    reseeded: list[int] = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", reseeded.append)
+    images, labels = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), torch.arange(8) % 4
+    first = cutmix(images, labels, 4, torch.Generator().manual_seed(0))
+    again = cutmix(images, labels, 4, torch.Generator().manual_seed(0))
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])  # still seeded
+    PerImageDA("flip", v2.RandomHorizontalFlip())(images, labels, torch.Generator().manual_seed(0))
+    assert reseeded == []

@@ -46,7 +46,7 @@ class PerImageDA:
         device = images.device if isinstance(images, torch.Tensor) else images[0].device
         seed = int(torch.randint(2**62, (1,), generator=generator))
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)  # not torch.manual_seed: it reseeds CUDA too
             views = [self.transform(image.cpu()) for image in images]
         for view in views:
             if not isinstance(view, torch.Tensor) or view.dtype != torch.uint8 or view.shape != views[0].shape:

@@ -134,7 +134,7 @@ def batch_mix(transform: type[v2.CutMix | v2.MixUp], images: torch.Tensor, label
     seed = int(torch.randint(2**62, (1,), generator=generator))
     blend = transform is v2.MixUp
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # not torch.manual_seed: it reseeds CUDA too
         mixed, soft = transform(alpha=1.0, num_classes=num_classes)(images.float() if blend else images, labels)
     if blend:
         mixed = mixed.round_().clamp_(0, 255).to(torch.uint8)
