@@ -10,6 +10,8 @@
    CPU one), so the CUDA batch equals the CPU batch up to interpolation ties, and it is random
    per image (64 copies of one image give many different outputs).
 3. Metric: the statistics accumulated on the GPU equal those on the CPU (float64).
+4. Mixed image sizes (the large-image path crops on the CPU): a teacher trains an epoch, evaluates
+   and ranks two candidates on the GPU.
 
 The last line printed is one JSON object of the measured figures.
 """
@@ -174,6 +176,33 @@ def check_metric(device: torch.device, figures: dict) -> None:
     check("metric CUDA vs CPU", worst < 1e-6, f"largest difference of a figure {worst:.2e}")
 
 
+def check_mixed_sizes(device: torch.device, figures: dict) -> None:
+    import tempfile
+
+    from daqkd.api import TeacherOptions, train_teacher
+    from daqkd.data import ImageSet
+    from daqkd.models import NormalizedModel, create_model, parse_normalization
+    from daqkd.rank import RankConfig, rank_candidates
+
+    g = torch.Generator().manual_seed(3)
+    sizes = [(40, 48), (48, 40), (56, 56)] * 8
+    images = [torch.randint(0, 256, (3, *s), dtype=torch.uint8, generator=g) for s in sizes]
+    data = ImageSet(images, torch.arange(24) % 3, ["a", "b", "c"], "mixed sizes")
+    try:
+        with tempfile.TemporaryDirectory() as out:
+            trainer = train_teacher(TeacherOptions(arch="resnet20", aug="none+cutmix", batch_size=12, epochs=1,
+                                                   device=str(device), out=out, no_progress=True),
+                                    data=(data, data))
+            teacher = NormalizedModel(create_model("resnet20", 3), parse_normalization("cifar10"))
+            report = rank_candidates(teacher, data, RankConfig(augs=["none", "none+cutmix"], batch_size=12), device,
+                                     crop_size=32)
+        ok, detail = len(report["candidates"]) == 2, f"top-1 {trainer.history[-1]['test_top1']:.1f}%, ranked 2"
+    except Exception as exc:  # noqa: BLE001  (any failure is this check's result; the script goes on)
+        ok, detail = False, f"{type(exc).__name__}: {exc}"
+    figures["mixed_sizes_ok"] = ok
+    check("mixed image sizes train, evaluate and rank on the device", ok, detail)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", help="the device to compare with the CPU")
@@ -188,6 +217,7 @@ def main() -> int:
                      "torch": torch.__version__}
     check_metric(device, figures)
     check_augment(device, figures)
+    check_mixed_sizes(device, figures)
     if args.data:
         test = load_data(args.data, None, "test", limit_per_class=7)
         x, y = test.images, test.labels

@@ -148,7 +148,8 @@ def run_pass(runner: TeacherRunner, data: ImageSet, candidate: Candidate, config
             images = images.to(runner.device, non_blocking=True)
         base = candidate.base_view(images, generator)
         x, targets = candidate(images, data.labels[idx].to(runner.device), generator, base=base)
-        return x, targets, base if config.paired else None
+        # mixed sizes are cropped on the CPU: the statistics accumulate on the runner's device
+        return x, targets.to(runner.device), base if config.paired else None
 
     # Augmentation runs inline: on CUDA its kernels queue behind the model's asynchronously; on CPU
     # a prefetch thread measured slower (its OpenMP team fights the model's for the cores).

@@ -111,7 +111,7 @@ def evaluate(model: nn.Module, data: ImageSet, device: torch.device, batch_size:
         images = data.take(idx)
         if isinstance(images, torch.Tensor):
             images = images.to(device)
-        x = view.base_view(images, torch.Generator())
+        x = view.base_view(images, torch.Generator()).to(device)  # mixed sizes are cropped on the CPU
         labels = data.labels[idx].to(device)
         # float32, whatever training used: the figure reported is the model's, not its bf16 twin's
         logits = model(x.contiguous(memory_format=torch.channels_last)).float()
@@ -308,6 +308,8 @@ class Trainer:
             images = images.to(self.device, non_blocking=True)
         labels = self.train_data.labels[idx].to(self.device)
         x, targets = self.candidate(images, labels, generator)
+        # a list of mixed sizes is cropped on the CPU: its batch (and CutMix's targets) move here
+        x, targets = x.to(self.device, non_blocking=True), targets.to(self.device)
         return x.contiguous(memory_format=torch.channels_last), targets
 
     # -- state ---------------------------------------------------------------------------------
