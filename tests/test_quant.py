@@ -213,6 +213,11 @@ def test_mse_clip() -> None:
     big = torch.randn(200, 1000, generator=torch.Generator().manual_seed(0))
     rows = torch.stack([mse_clip(r, 3, signed=True) for r in big])
     torch.testing.assert_close(mse_clip(big, 3, signed=True, dims=(1,)).squeeze(1), rows)
+    # a large activation is subsampled across its columns, not down one (a power-of-two stride over
+    # (N, C, 32, 32) lands on column 0 only): zero there (the padded border), ~U(0, 2) elsewhere
+    act = torch.rand(256, 16, 32, 32, generator=torch.Generator().manual_seed(1)) * 2
+    act[..., 0] = 0
+    assert 1.0 < mse_clip(act, 3, signed=False).item() <= 2.0
 
 
 def test_quantize_model_policies_and_shapes() -> None:

@@ -58,13 +58,16 @@ def mse_clip(x: torch.Tensor, bits: int, signed: bool, dims: tuple[int, ...] | N
 
     x: any shape; dims: dimensions reduced to one range each (None: all, returns a 0-d tensor; else
     the kept dimensions stay, with size 1 on ``dims``). Tensors reduced as a whole are subsampled to
-    ``max_elements`` with a fixed stride, so calibrating a large activation stays cheap.
+    about ``max_elements`` with a fixed odd stride (every image row and column gets sampled), so
+    calibrating a large activation stays cheap.
     """
     x = x.detach().float()
     if dims is None:
         x = x.flatten()
         if x.numel() > max_elements:
-            x = x[:: x.numel() // max_elements]
+            stride = x.numel() // max_elements
+            # odd: a power-of-two stride over an (N, C, H, W) activation would sample one image column
+            x = x[:: stride + 1 - stride % 2]
         dims = (0,)
         keep = False
     else:
