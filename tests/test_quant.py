@@ -346,6 +346,34 @@ def test_ewgs_hessian_delta() -> None:
     assert update_ewgs_delta(fixed, nn.functional.cross_entropy, [(x, y)]) == {}
 
 
+def test_hessian_delta_is_clipped_after_averaging_and_runs_without_compiled_kernels(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """delta = max(0, mean over batches), as the EWGS authors' update_grad_scales (clipping each batch
+    first biases it upward); the twice-differentiated pass never enters a compiled kernel, whose
+    backward refuses create_graph (with kernels on, as outside the tests, it crashed)."""
+    from daqkd.quant import kernels
+    from daqkd.quant.ewgs import hessian_delta_estimates
+
+    torch.manual_seed(0)
+    model = quantize_model(create_model("resnet20", 10), QuantConfig("ewgs", 2, 2, ewgs_delta=None))
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g)) for _ in range(2)]
+    model(batches[0][0])
+
+    def no_compiled_kernel(*args):
+        raise AssertionError("a compiled kernel ran inside the Hessian pass")
+
+    monkeypatch.setitem(kernels._state, "mode", "1")
+    monkeypatch.setattr(kernels, "run_fused", no_compiled_kernel)
+    torch.manual_seed(5)  # the probes' draws, replayed below
+    first, second = (hessian_delta_estimates(model, nn.functional.cross_entropy, x, y) for x, y in batches)
+    torch.manual_seed(5)
+    deltas = update_ewgs_delta(model, nn.functional.cross_entropy, batches)
+    assert any((first[n] < 0) != (second[n] < 0) for n in first)  # where the order of clip and mean matters
+    for name, delta in deltas.items():
+        assert delta == pytest.approx(max(0.0, (first[name] + second[name]) / 2), rel=1e-6, abs=1e-12), name
+
+
 @pytest.mark.parametrize("delta", [None, 0.3])
 def test_compiled_kernels_equal_the_eager_ones(delta: float | None) -> None:
     """The torch.compile'd kernels (per-tensor activations) give the eager functions' values and

@@ -186,41 +186,56 @@ def ewgs(bits: int, is_weight: bool, channels: int | None, config: QuantConfig) 
     return EWGSQuantizer(bits, is_weight, channels, config.ewgs_delta, config.ewgs_init, config.ewgs_delta_every)
 
 
+def hessian_delta_estimates(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                            inputs: torch.Tensor, targets: torch.Tensor, probes: int = 1) -> dict[str, float]:
+    """One batch's estimate (Tr(H) / N) / (3 std(g)) for every Hessian-driven EWGS quantizer, not
+    clipped (EWGS sec. 3.3): Tr(H) of the loss with respect to the quantizer's discretized output
+    x_q by Hutchinson's estimator (E[v^T H v], v Rademacher, ``probes`` draws from torch's global
+    generator), N = numel(x_q), g = dL/dx_q. {module name: estimate}."""
+    quantizers = {n: m for n, m in model.named_modules() if isinstance(m, EWGSQuantizer) and m.hessian_delta}
+    for m in quantizers.values():
+        m.capture = []
+    try:
+        with kernels.eager_kernels():  # differentiated twice: compiled backwards refuse create_graph
+            return _estimates(quantizers, loss_fn(model(inputs), targets), probes)
+    finally:
+        for m in quantizers.values():
+            m.capture = None
+
+
+def _estimates(quantizers: dict[str, EWGSQuantizer], loss: torch.Tensor, probes: int) -> dict[str, float]:
+    outputs = [t for m in quantizers.values() for t in m.capture]  # type: ignore[union-attr]
+    grads = torch.autograd.grad(loss, outputs, create_graph=True)
+    traces = [0.0] * len(outputs)
+    for _ in range(probes):
+        vs = [torch.randint_like(t, 2) * 2 - 1 for t in outputs]
+        hvs = torch.autograd.grad(grads, outputs, grad_outputs=vs, retain_graph=True)
+        for i, (v, hv) in enumerate(zip(vs, hvs)):
+            traces[i] += float((v * hv).sum()) / probes
+    # one captured tensor per quantizer: each module is called once per forward
+    return {name: (trace / t.numel()) / (3 * float(g.detach().std()) + 1e-12)
+            for name, g, t, trace in zip(quantizers, grads, outputs, traces, strict=True)}
+
+
 def update_ewgs_delta(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                       batches: Iterable[tuple[torch.Tensor, torch.Tensor]], probes: int = 1) -> dict[str, float]:
-    """Set delta of every Hessian-driven EWGS quantizer from the loss on ``batches`` (EWGS sec. 3.3).
-
-    For each quantizer: Tr(H) of the loss with respect to its discretized output x_q by Hutchinson's
-    estimator (E[v^T H v], v Rademacher, ``probes`` draws per batch), N = numel(x_q), g = dL/dx_q;
-    delta = max(0, (Tr(H) / N) / (3 std(g))), averaged over batches. Returns {module name: delta}.
-    """
+    """Set delta of every Hessian-driven EWGS quantizer to max(0, the mean over ``batches`` of
+    :func:`hessian_delta_estimates`): averaged, then clipped, as the EWGS authors' update_grad_scales
+    does (clipping each batch first would bias delta upward). They take 3 training batches and up to
+    50 probes each; the trainer passes 2 batches of 64 images and 1 probe, an unbiased but noisier
+    estimate of the same figure at a cost a CPU can pay every ``delta_every`` epochs. Returns
+    {module name: delta}."""
     quantizers = {n: m for n, m in model.named_modules() if isinstance(m, EWGSQuantizer) and m.hessian_delta}
     if not quantizers:
         return {}
     sums = {n: 0.0 for n in quantizers}
     count = 0
     for inputs, targets in batches:
-        for m in quantizers.values():
-            m.capture = []
-        try:
-            loss = loss_fn(model(inputs), targets)
-            outputs = [t for m in quantizers.values() for t in m.capture]  # type: ignore[union-attr]
-            grads = torch.autograd.grad(loss, outputs, create_graph=True)
-            traces = [0.0] * len(outputs)
-            for _ in range(probes):
-                vs = [torch.randint_like(t, 2) * 2 - 1 for t in outputs]
-                hvs = torch.autograd.grad(grads, outputs, grad_outputs=vs, retain_graph=True)
-                for i, (v, hv) in enumerate(zip(vs, hvs)):
-                    traces[i] += float((v * hv).sum()) / probes
-        finally:
-            for m in quantizers.values():
-                m.capture = None
-        # one captured tensor per quantizer: each module is called once per forward
-        for name, g, t, trace in zip(quantizers, grads, outputs, traces, strict=True):
-            sums[name] += max(0.0, (trace / t.numel()) / (3 * float(g.detach().std()) + 1e-12))
+        for name, estimate in hessian_delta_estimates(model, loss_fn, inputs, targets, probes).items():
+            sums[name] += estimate
         count += 1
     deltas = {}
     for name, m in quantizers.items():
-        m.delta.fill_(sums[name] / max(count, 1))
+        m.delta.fill_(max(0.0, sums[name] / max(count, 1)))
         deltas[name] = float(m.delta)
     return deltas

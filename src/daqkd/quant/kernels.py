@@ -14,17 +14,18 @@ are raised).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
 MIN_ELEMENTS = 1 << 16
 
-_state = {"mode": os.environ.get("DAQKD_FUSED_KERNELS", "auto"), "failed": False}
+_state = {"mode": os.environ.get("DAQKD_FUSED_KERNELS", "auto"), "failed": False, "eager": 0}
 
 
 def set_fused_kernels(mode: str) -> None:
@@ -36,9 +37,20 @@ def set_fused_kernels(mode: str) -> None:
 
 def use_fused(x: torch.Tensor) -> bool:
     """Whether the compiled kernels handle ``x``: not inside a compiled training step, which fuses
-    the quantizer's eager formula with its neighbours itself."""
-    return (_state["mode"] != "0" and not _state["failed"] and x.numel() >= MIN_ELEMENTS
+    the quantizer's eager formula with its neighbours itself, nor inside :func:`eager_kernels`."""
+    return (_state["mode"] != "0" and not _state["failed"] and not _state["eager"] and x.numel() >= MIN_ELEMENTS
             and not torch.compiler.is_compiling())
+
+
+@contextlib.contextmanager
+def eager_kernels() -> Iterator[None]:
+    """The eager formulas inside the block, for graphs that are differentiated twice (EWGS's
+    Hessian): a compiled backward donates its buffers and refuses create_graph=True."""
+    _state["eager"] += 1
+    try:
+        yield
+    finally:
+        _state["eager"] -= 1
 
 
 def run_fused(kernel: Callable[..., Any], *args: Any) -> Any:
