@@ -284,6 +284,26 @@ def test_parameter_groups() -> None:
         assert len(groups.model) == len(list(create_model("resnet20", 10).parameters()))
 
 
+def test_pact_alpha_trains_with_the_weights_and_the_intervals_with_their_own_adam() -> None:
+    """PACT's alpha at the model's LR with its own L2 (Choi et al. 2018); EWGS/LSQ quantizer
+    parameters in a separate Adam at quant_lr (the EWGS authors')."""
+    from daqkd.train import TrainConfig, build_optimizers
+
+    config = TrainConfig(epochs=1, lr=0.1, quant_lr=1e-5, weight_decay=5e-4)
+    pact = quantize_model(create_model("resnet20", 10), QuantConfig("pact", 2, 2))
+    pact(torch.randn(2, 3, 32, 32))
+    (main, _), = build_optimizers(pact, config, steps_per_epoch=10)
+    alphas = split_parameters(pact).quantizer_decay
+    assert [len(g["params"]) for g in main.param_groups] == [len(split_parameters(pact).model), 18]
+    assert main.param_groups[1]["params"] == alphas
+    assert (main.param_groups[1]["lr"], main.param_groups[1]["weight_decay"]) == (0.1, config.pact_weight_decay)
+    ewgs = quantize_model(create_model("resnet20", 10), QuantConfig("ewgs", 2, 2))
+    ewgs(torch.randn(2, 3, 32, 32))
+    (main, _), (quant, _) = build_optimizers(ewgs, config, steps_per_epoch=10)
+    assert isinstance(quant, torch.optim.Adam) and quant.param_groups[0]["lr"] == 1e-5
+    assert len(main.param_groups) == 1 and main.param_groups[0]["weight_decay"] == 5e-4
+
+
 @pytest.mark.parametrize("method,init", [("ewgs", "mse"), ("lsq", "paper"), ("ste", "paper")])
 def test_w8a8_resnet20_keeps_fp_accuracy(method: str, init: str, shared_cifar10: Path, shared_resnet20: Path) -> None:
     """Calibrated 8-bit quantizers lose < 1 point and keep >= 95% of the predictions. EWGS needs its

@@ -68,25 +68,28 @@ def cosine_with_warmup(total_steps: int, warmup_steps: int) -> Callable[[int], f
 
 
 def build_optimizers(model: nn.Module, config: TrainConfig, steps_per_epoch: int) -> list[tuple[Any, Any]]:
-    """(optimizer, scheduler) pairs: the model's weights, and (if any) the quantizers' parameters."""
+    """(optimizer, scheduler) pairs: the model's weights, and (if any) the quantizers' parameters.
+
+    The quantizers' own parameters (EWGS intervals, LSQ steps) take Adam at ``quant_lr``, as the
+    EWGS authors train theirs. PACT's clipping levels instead train with the weights, at the model's
+    LR with their own L2 (``pact_weight_decay``), as in Choi et al. 2018: they start at 10, far
+    above a BN + ReLU activation, and Adam at 1e-5 would move them by ~1e-5 a step."""
     groups = split_parameters(model)
+    main_groups: list[dict[str, Any]] = [{"params": groups.model}]
+    if groups.quantizer_decay:
+        main_groups.append({"params": groups.quantizer_decay, "weight_decay": config.pact_weight_decay})
     if config.optimizer == "sgd":
-        main = torch.optim.SGD(groups.model, lr=config.lr, momentum=config.momentum,
+        main = torch.optim.SGD(main_groups, lr=config.lr, momentum=config.momentum,
                                weight_decay=config.weight_decay, nesterov=False)
     elif config.optimizer == "adam":
-        main = torch.optim.Adam(groups.model, lr=config.lr, weight_decay=config.weight_decay)
+        main = torch.optim.Adam(main_groups, lr=config.lr, weight_decay=config.weight_decay)
     else:
         raise DaqkdError(f"unknown optimizer {config.optimizer!r}: use sgd or adam")
     total = config.epochs * steps_per_epoch
     warmup = int(config.warmup_epochs * steps_per_epoch)
     pairs = [(main, torch.optim.lr_scheduler.LambdaLR(main, cosine_with_warmup(total, warmup)))]
-    quant_groups = []
     if groups.quantizer:
-        quant_groups.append({"params": groups.quantizer, "weight_decay": config.quant_weight_decay})
-    if groups.quantizer_decay:
-        quant_groups.append({"params": groups.quantizer_decay, "weight_decay": config.pact_weight_decay})
-    if quant_groups:
-        quant = torch.optim.Adam(quant_groups, lr=config.quant_lr)
+        quant = torch.optim.Adam(groups.quantizer, lr=config.quant_lr, weight_decay=config.quant_weight_decay)
         pairs.append((quant, torch.optim.lr_scheduler.LambdaLR(quant, cosine_with_warmup(total, warmup))))
     return pairs
 

@@ -55,7 +55,8 @@ def add_student_args(s: argparse.ArgumentParser, resume: bool = True) -> None:
                         "stage, sp the last; e.g. layer1,layer2,layer3)")
     s.add_argument("--augs", default="all", help="candidates for --aug auto")
     s.add_argument("--quant-lr", type=float, default=1e-5,
-                   help="learning rate of the quantizers' parameters (default %(default)s)")
+                   help="Adam learning rate of the quantizers' parameters (EWGS, LSQ; PACT's alpha takes --lr) "
+                        "(default %(default)s)")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
