@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
-from .base import Grid, QuantConfig, Quantizer, register_quantizer
+from .base import FP_BITS, Grid, QuantConfig, Quantizer, register_quantizer
 from .functional import mse_clip, pass_between
 
 
@@ -101,9 +101,12 @@ class EWGSQuantizer(Quantizer):
     """Learnable interval [lower, upper]; weights also carry the layer's output scale."""
 
     def __init__(self, bits: int, is_weight: bool, channels: int | None = None, delta: float | None = 0.0,
-                 init: str = "paper", delta_every: int = 10) -> None:
+                 init: str = "paper", delta_every: int = 10, values: bool = False) -> None:
         super().__init__(bits, is_weight, channels)
         self.init = init
+        # unsigned activations give q in [0, 1] and leave the scale (u - l) to the weight quantizer's
+        # calibrated alpha; beside full-precision weights nothing would, so they give l + (u - l) q
+        self.values = values and not is_weight
         self.calibrates_output = is_weight
         self.delta_every = max(1, delta_every)
         shape = channels if channels else ()
@@ -143,7 +146,7 @@ class EWGSQuantizer(Quantizer):
             self.capture.append(q)
         if self.is_weight:
             return (2 * q - 1) * self.output_scale.abs()
-        if self.is_signed:
+        if self.is_signed or self.values:
             return lower + (upper - lower) * q
         return q
 
@@ -156,7 +159,7 @@ class EWGSQuantizer(Quantizer):
             return Grid(0, top, out_scale=2 * alpha / top, out_shift=-alpha)
         lower = self.lower.detach()
         step = (self.upper.detach() - lower) / top
-        if self.is_signed:
+        if self.is_signed or self.values:
             return Grid(0, top, out_scale=step, out_shift=lower, scale=step, shift=lower)
         return Grid(0, top, out_scale=torch.tensor(1.0 / top), scale=step, shift=lower)
 
@@ -183,7 +186,8 @@ def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 @register_quantizer("ewgs")
 def ewgs(bits: int, is_weight: bool, channels: int | None, config: QuantConfig) -> Quantizer:
-    return EWGSQuantizer(bits, is_weight, channels, config.ewgs_delta, config.ewgs_init, config.ewgs_delta_every)
+    return EWGSQuantizer(bits, is_weight, channels, config.ewgs_delta, config.ewgs_init, config.ewgs_delta_every,
+                         values=config.w_bits == FP_BITS)
 
 
 def hessian_delta_estimates(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
