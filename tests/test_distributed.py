@@ -149,8 +149,11 @@ def test_two_training_processes_match_one_and_resume_after_a_kill(tiny_folder: P
         assert torch.equal(resumed[key], value), key
 
 
-def test_a_student_under_torchrun_sees_the_global_batch(tiny_folder: Path, tmp_path: Path) -> None:
-    """A student with 4-bit LSQ weights, Hinton KD and RandAugment + CutMix: its first step under 2
+@pytest.mark.parametrize("kd", ["kd", "sp"])
+def test_a_student_under_torchrun_sees_the_global_batch(kd: str, tiny_folder: Path, tmp_path: Path) -> None:
+    """A student with 4-bit LSQ weights, Hinton KD (or similarity-preserving KD, whose B x B
+    similarities span the global batch: each process gathers the others' features) and
+    RandAugment + CutMix: its first step under 2
     processes (quantizers calibrated on the same batch, teacher and student on each half of the same
     augmented global batch, BatchNorm over both halves, terms averaged) gives the single process's
     loss terms within 1e-5 and the same test accuracy. Activations stay FP here: with 4-bit
@@ -161,12 +164,12 @@ def test_a_student_under_torchrun_sees_the_global_batch(tiny_folder: Path, tmp_p
     teacher = tmp_path / "teacher"
     assert main([*TEACHER[:-1], "1", *data, "--out", str(teacher)]) == 0
     student = ["train", *data, "--teacher", str(teacher), "--method", "lsq", "--w-bits", "4", "--a-bits", "32",
-               "--kd", "kd", "--aug", "randaugment+cutmix", "--epochs", "1", "--batch-size", "12", "--seed", "1",
+               "--kd", kd, "--aug", "randaugment+cutmix", "--epochs", "1", "--batch-size", "12", "--seed", "1",
                "--train-limit-per-class", "4", "--no-progress"]
     assert main([*student, "--out", str(tmp_path / "s1")]) == 0
     torchrun([*student, "--out", str(tmp_path / "s2")])
     (single,), (double,) = history(tmp_path / "s1"), history(tmp_path / "s2")
-    for term in ("train_loss", "train_ce", "train_kd"):
+    for term in ("train_loss", "train_ce", f"train_{kd}"):
         assert double[term] == pytest.approx(single[term], rel=1e-5), term
     assert double["test_top1"] == single["test_top1"]
     assert double["test_loss"] == pytest.approx(single["test_loss"], rel=1e-3)
