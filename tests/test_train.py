@@ -103,6 +103,38 @@ def small_trainer(folder: Path, run: Path, epochs: int, quantized: bool, method:
                    {"arch": "resnet20", "normalize": norm.spec()}, teacher=teacher, progress=False)
 
 
+def test_quantizers_calibrate_on_train_mode_activations_and_leave_batchnorm_alone(tmp_path: Path,
+                                                                                   tiny_folder: Path) -> None:
+    """A student that does not start from a trained model (BatchNorm running statistics 0 and 1):
+    its first quantized layer's LSQ step is 2 mean|x| / sqrt(Q_P) (Esser et al. 2020) of the input a
+    train-mode forward gives it, as every training step does, not of the eval-mode one; and the
+    calibration leaves the running statistics as they were."""
+    import copy
+    import math
+
+    train, test = load_image_folder(tiny_folder, "train"), load_image_folder(tiny_folder, "test")
+    norm = parse_normalization("cifar10")
+    torch.manual_seed(0)
+    net = create_model("resnet20", train.num_classes)
+    fp = NormalizedModel(copy.deepcopy(net), norm).train()
+    quantize_model(net, QuantConfig("lsq", 4, 4))
+    running = {k: v.clone() for k, v in net.state_dict().items() if k.split(".")[-1].startswith(("running", "num_"))}
+    config = TrainConfig(epochs=1, batch_size=12, aug="none", seed=1)
+    trainer = Trainer(NormalizedModel(net, norm), create_loss("none"), train, test, config, tmp_path / "r",
+                      torch.device("cpu"), {"arch": "resnet20", "normalize": norm.spec()}, progress=False)
+    after = net.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in running.items())
+    from daqkd.runtime import mix_seed
+
+    batch, _ = trainer._batch(torch.arange(12), torch.Generator().manual_seed(mix_seed(1, 2**32)))
+    seen: list[torch.Tensor] = []
+    fp.model.layer1[0].conv1.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    with torch.no_grad():
+        fp(batch)
+    expected = 2 * seen[0].abs().mean() / math.sqrt(15)  # unsigned 4 bits: Q_P = 15
+    assert float(net.layer1[0].conv1.act_quantizer.step.detach()) == pytest.approx(float(expected), rel=1e-5)
+
+
 def test_loss_falls_when_overfitting_64_images(tmp_path: Path) -> None:
     folder = make_image_folder(tmp_path / "d", classes=4, per_class=16)
     trainer = small_trainer(folder, tmp_path / "run", epochs=6, quantized=False)

@@ -292,18 +292,25 @@ class Trainer:
         self._epoch_start: float | None = None
 
     def _calibrate(self) -> None:
-        """Quantizers initialize from the first batch they see: give them a fixed one (in eval mode,
-        so BatchNorm statistics are untouched) before the optimizers are built."""
+        """Quantizers initialize from the first batch they see: give them a fixed one before the
+        optimizers are built, in train mode (BatchNorm normalizes with the batch's statistics, as in
+        every training step after it; the EWGS authors' init_quant_model does the same), with the
+        BatchNorm running statistics restored afterwards. In eval mode a student that does not start
+        from the teacher's weights would calibrate on fresh running statistics (mean 0, var 1),
+        whose activations training never sees."""
         from .quant import Quantizer
 
         if not any(isinstance(m, Quantizer) and not bool(m.initialized) for m in self.model.modules()):
             return
         idx = torch.arange(min(len(self.train_data), self.config.batch_size))
         images, _ = self._batch(idx, torch.Generator().manual_seed(mix_seed(self.config.seed, 2**32)))
-        self.model.eval()
+        norms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in norms]
+        self.model.train()
         with torch.no_grad():
             self.model(images)
-        self.model.train()
+        for module, state in zip(norms, saved):
+            module.load_state_dict(state)
 
     def _batch(self, idx: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         images = self.train_data.take(idx)
