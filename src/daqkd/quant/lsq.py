@@ -9,6 +9,11 @@ Gradients (eq. 3, rounding straight-through):
 Initialization from the first tensor: s = 2 mean|v| / sqrt(Q_P).
 1-bit signed tensors use the binary levels {-s, +s} (v_hat = s sign(v), same gradient pattern with
 bounds -1, 1), since the integer grid {-1, 0} of the formula wastes a level.
+
+The paper trains s with the weights' SGD, where g balances its updates against the weights'. The
+trainer puts s in the quantizers' Adam at --quant-lr (the EWGS authors' setting for their
+intervals), which divides out any constant gradient scale: g then changes nothing, and s moves by
+about --quant-lr a step from its data-driven initialization.
 """
 
 from __future__ import annotations
