@@ -213,23 +213,23 @@ def rank_candidates(model: nn.Module, data: ImageSet, config: RankConfig, device
         per_repeat: dict[str, list[float]] = {k: [] for k in keys}
         jack_var: dict[str, list[float]] = {k: [] for k in jackknifed}
         loo_scores: list[torch.Tensor] = []
-        groups, seconds, passes = [], 0.0, 0
+        groups, seconds = [], 0.0
         for repeat in range(config.repeats):
             reference = None
             if config.computes_authors:
                 centroid_stats, elapsed = run_pass(runner, data, candidate, config, CENTROID_STREAM + repeat,
                                                    group_size, progress)
                 reference = centroid_stats.authors_centroids(soft_labels=candidate.mixes)
-                seconds, passes = seconds + elapsed, passes + 1
+                seconds += elapsed
             stats, elapsed = run_pass(runner, data, candidate, config, repeat, group_size, progress, reference)
-            seconds, passes = seconds + elapsed, passes + 1
+            seconds += elapsed
             figures = stats.compute()
             loo = stats.jackknife()
             for k in range(extra_variance):
                 more, elapsed = run_pass(runner, data, candidate, config,
                                          VARIANCE_STREAM + repeat * extra_variance + k, group_size, progress)
                 stats = stats.merge(more)
-                seconds, passes = seconds + elapsed, passes + 1
+                seconds += elapsed
             if extra_variance:
                 merged = stats.compute()
                 figures["variance"], figures["variance_groups"] = merged["variance"], merged["variance_groups"]
@@ -256,7 +256,8 @@ def rank_candidates(model: nn.Module, data: ImageSet, config: RankConfig, device
         row["variance_groups"] = min(groups)
         if config.repeats == 1:
             row["variance_se"] = variance_standard_error(row["variance"], row["variance_groups"])
-        row["images_per_s"] = len(data) * passes / seconds  # every pass: the authors' and variance's extra ones too
+        passes = config.repeats * (1 + int(config.computes_authors) + extra_variance)  # the extra passes too
+        row["images_per_s"] = len(data) * passes / seconds
         row["seconds"] = seconds
         results.append(row)
         leave_one_out[name] = (per_repeat["score"], loo_scores)
