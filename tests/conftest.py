@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -17,11 +18,19 @@ RESNET20 = SHARED / "weights" / "cifar10" / "resnet20-12fca82f.th"
 @pytest.fixture(autouse=True, scope="session")
 def eager_quantizer_kernels():
     """Eager quantizer kernels: compiling them costs ~6 s each, which the tests need not pay
-    (test_quant checks the compiled ones against the eager ones)."""
+    (test_quant checks the compiled ones against the eager ones). The environment variable too, so
+    that processes the tests start (sweep workers, torchrun ranks) run the same eager formulas as
+    this one: compiled kernels round differently, and those tests compare weights bit for bit."""
     from daqkd.quant import kernels
 
+    saved = os.environ.get("DAQKD_FUSED_KERNELS")
+    os.environ["DAQKD_FUSED_KERNELS"] = "0"
     kernels.set_fused_kernels("0")
     yield
+    if saved is None:
+        os.environ.pop("DAQKD_FUSED_KERNELS", None)
+    else:
+        os.environ["DAQKD_FUSED_KERNELS"] = saved
 
 
 def make_image_folder(root: Path, classes: int = 3, per_class: int = 12, size: tuple[int, int] = (32, 32),
