@@ -184,12 +184,48 @@ def test_batch_must_split_evenly(tiny_folder: Path, tmp_path: Path, monkeypatch:
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_rank", lambda: 0)
     monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: None)  # the faked group has nothing to leave
     assert main([*TEACHER[:3], "--batch-size", "9", "--epochs", "1", "--data", str(tiny_folder),
                  "--out", str(tmp_path / "odd"), "--no-progress"]) == 2
     assert capsys.readouterr().err == \
         "daqkd: error: --batch-size 9 does not split evenly into 2 processes: use a multiple of 2 " \
         "(each process takes the same share of every batch)\n"
     assert not (tmp_path / "odd").exists()  # no half-made run directory
+
+
+def test_a_command_leaves_the_process_group_it_joined(tiny_folder: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under torchrun (a real gloo group of one here) the command joins the group and leaves it
+    before returning, error or not: a gloo process exiting with its group alive can abort during
+    interpreter finalization (SIGABRT, which failed the two-process test above now and then)."""
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(name, value)
+    joined: list[bool] = []
+    real_destroy = dist.destroy_process_group
+
+    def destroy() -> None:
+        joined.append(dist.is_initialized())
+        real_destroy()
+
+    monkeypatch.setattr(dist, "destroy_process_group", destroy)
+    try:
+        assert main([*TEACHER[:3], "--batch-size", "6", "--epochs", "1", "--data", str(tiny_folder),
+                     "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+        assert joined == [True] and not dist.is_initialized()
+        assert main([*TEACHER[:3], "--batch-size", "6", "--epochs", "0", "--data", str(tiny_folder),
+                     "--out", str(tmp_path / "bad"), "--no-progress"]) == 2  # an error leaves it too
+        assert joined == [True, True] and not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            real_destroy()
 
 
 def test_under_torchrun_each_process_takes_the_gpu_of_its_local_rank(monkeypatch: pytest.MonkeyPatch) -> None:

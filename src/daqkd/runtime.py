@@ -73,6 +73,14 @@ def init_distributed() -> tuple[int, int]:
     return 0, 1
 
 
+def close_distributed() -> None:
+    """Leave the process group before the interpreter exits. A gloo process that exits with its
+    group alive can abort in the group's C++ threads during finalization ("terminate called without
+    an active exception", SIGABRT, pytorch/pytorch#190489): torchrun then reports the run failed."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def is_main_process() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 

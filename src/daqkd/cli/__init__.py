@@ -17,7 +17,7 @@ from typing import Any
 from .. import __version__
 from ..errors import DaqkdError
 from ..rundir import CONFIG_FILE
-from ..runtime import launched_by_torchrun
+from ..runtime import close_distributed, launched_by_torchrun
 from . import eval as eval_command
 from . import export, rank, sweep, teacher, train
 
@@ -95,6 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     finally:
         warnings.showwarning = previous
+        close_distributed()  # the command is over: the process owns the group torchrun made it join
 
 
 if __name__ == "__main__":
