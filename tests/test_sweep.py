@@ -209,6 +209,12 @@ def test_sweep_end_to_end_and_resumes(tmp_path: Path, tiny_folder: Path, capsys:
     assert "8 finished runs" in capsys.readouterr().out
     assert main(["sweep", "--report-only", "--out", str(tmp_path / "nothing")]) == 2
     assert "results.json is missing" in capsys.readouterr().err
+    ranking_text = (sweep / "rank.json").read_text()
+    (sweep / "rank.json").write_text(ranking_text.replace('"score"', '"scor"'))  # hand-edited, say
+    assert main(["sweep", "--report-only", "--out", str(sweep)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "is not a daqkd ranking (KeyError: 'score')" in err, err
+    (sweep / "rank.json").write_text(ranking_text)
 
     # a fresh checkout of a committed sweep: metrics only, one run cut off without its resume state
     for path in (sweep / "runs").glob("*/*"):
@@ -242,6 +248,18 @@ def test_a_damaged_stored_ranking_is_an_error_that_names_the_fix(tmp_path: Path,
     (tmp_path / "rank.json").write_text('{"candidates": [{"name": "none"}], "selected": "none"}')
     assert stored_ranking(tmp_path / "rank.json", ["none"])["selected"] == "none"
     assert stored_ranking(tmp_path / "absent.json", ["none"]) is None
+    # a sweep reads the rank and the figures of every candidate: a file without them is refused up front
+    from daqkd.sweep import RANKING_FIELDS
+
+    with pytest.raises(DaqkdError, match="KeyError: 'rank'.*delete it"):
+        stored_ranking(tmp_path / "rank.json", ["none"], fields=RANKING_FIELDS)
+    figures = {"rank": 1, "score": 0.1, "accuracy": 90.0, "centroid_ce": 0.5, "cmi": 0.4}
+    (tmp_path / "rank.json").write_text(json.dumps({"candidates": [{"name": "none", **figures, "score": "0.1"}],
+                                                    "selected": "none"}))
+    with pytest.raises(DaqkdError, match="none's score is '0.1', not a number"):
+        stored_ranking(tmp_path / "rank.json", ["none"], fields=RANKING_FIELDS)
+    (tmp_path / "rank.json").write_text(json.dumps({"candidates": [{"name": "none", **figures}], "selected": "none"}))
+    assert stored_ranking(tmp_path / "rank.json", ["none"], fields=RANKING_FIELDS)["candidates"][0]["rank"] == 1
 
 
 def test_sweep_jobs_and_shards_train_the_same_students(tmp_path: Path, tiny_folder: Path,

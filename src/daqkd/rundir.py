@@ -151,8 +151,10 @@ def finished_run(run: str | Path, epochs: int) -> dict[str, Any] | None:
             "train_seconds": sum(h["seconds"] for h in history), "epochs": history[-1]["epoch"]}
 
 
-def stored_ranking(path: str | Path, names: list[str]) -> dict[str, Any] | None:
-    """The ranking kept in ``path`` if it ranks exactly ``names``; None if there is none."""
+def stored_ranking(path: str | Path, names: list[str], fields: tuple[str, ...] = ()) -> dict[str, Any] | None:
+    """The ranking kept in ``path`` if it ranks exactly ``names``, each candidate holding a number
+    under every key of ``fields`` (what the caller reads: a sweep's report needs the rank and the
+    figures); None if there is none."""
     path = Path(path)
     if not path.is_file():
         return None
@@ -160,6 +162,10 @@ def stored_ranking(path: str | Path, names: list[str]) -> dict[str, Any] | None:
         ranking = json.loads(path.read_text())
         ranked = sorted(c["name"] for c in ranking["candidates"])
         selected = ranking["selected"]
+        for candidate in ranking["candidates"]:
+            for field in fields:
+                if isinstance(candidate[field], bool) or not isinstance(candidate[field], (int, float)):
+                    raise TypeError(f"{candidate['name']}'s {field} is {candidate[field]!r}, not a number")
     except (ValueError, KeyError, TypeError) as exc:
         raise DaqkdError(f"{path} is not a daqkd ranking ({type(exc).__name__}: {exc}): delete it to rank "
                          "again") from exc

@@ -53,6 +53,10 @@ def correlation(figure: list[float], accuracy: list[float]) -> Correlation | Non
     return rank_correlation(figure, accuracy)
 
 
+# what ranking_figures and per_candidate read from each candidate of a rank.json
+RANKING_FIELDS = ("rank", "score", "accuracy", "centroid_ce", "cmi")
+
+
 def ranking_figures(
     cand: dict[str, Any], cmi_weight: float, images: int | None, group_size: int | None
 ) -> dict[str, Any]:

@@ -42,7 +42,7 @@ from .rundir import (
     write_text_atomic,
 )
 from .runtime import init_distributed, is_main_process, launched_by_torchrun, select_device
-from .sweep import _pct, analyze, report_markdown, scatter_plot
+from .sweep import RANKING_FIELDS, _pct, analyze, report_markdown, scatter_plot
 
 
 def run_name(aug: str, seed: int) -> str:
@@ -314,13 +314,14 @@ def report_only(args: SweepOptions) -> dict[str, Any]:
             raise DaqkdError(f"--report-only: {needed} is missing: pass the --out of a sweep that has started")
     try:
         stored = json.loads(results_file.read_text())
-        ranking = json.loads(rank_file.read_text())
         config, old_meta = stored["config"], stored["meta"]
     except (OSError, ValueError, KeyError) as exc:
-        raise DaqkdError(f"--report-only: {results_file} or {rank_file} is unreadable ({exc})") from exc
+        raise DaqkdError(f"--report-only: {results_file} is unreadable ({exc})") from exc
     default = args.default or config.get("default") or DEFAULT_DA
     config = {**config, "default": default}
     names = parse_candidates(config["augs"])
+    ranking = stored_ranking(rank_file, names, fields=RANKING_FIELDS)
+    assert ranking is not None  # checked above that the file is there
     seeds = [config["seed"] + i for i in range(config.get("seeds", 1))]
     trained = names + ([default] if default not in names else [])
     results = collect_finished(out, trained, seeds, config["epochs"])
@@ -376,7 +377,7 @@ def run_sweep(args: SweepOptions) -> dict[str, Any]:
     main = is_main_process()
 
     rank_file = out / RANK_FILE
-    ranking = stored_ranking(rank_file, names)
+    ranking = stored_ranking(rank_file, names, fields=RANKING_FIELDS)
     if ranking is None:
         teacher, _ = load_teacher(args, train.num_classes, train.classes)
         ranking = rank_and_save(teacher, train, augs, args.seed, device, rank_file, main, args.controls == "all")
