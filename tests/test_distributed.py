@@ -197,7 +197,8 @@ def test_a_command_leaves_the_process_group_it_joined(tiny_folder: Path, tmp_pat
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """Under torchrun (a real gloo group of one here) the command joins the group and leaves it
     before returning, error or not: a gloo process exiting with its group alive can abort during
-    interpreter finalization (SIGABRT, which failed the two-process test above now and then)."""
+    interpreter finalization (SIGABRT, which failed the two-process test above now and then). A
+    group the caller joined before is left alone."""
     import socket
 
     import torch.distributed as dist
@@ -223,6 +224,11 @@ def test_a_command_leaves_the_process_group_it_joined(tiny_folder: Path, tmp_pat
         assert main([*TEACHER[:3], "--batch-size", "6", "--epochs", "0", "--data", str(tiny_folder),
                      "--out", str(tmp_path / "bad"), "--no-progress"]) == 2  # an error leaves it too
         assert joined == [True, True] and not dist.is_initialized()
+        # a group the caller made (a notebook under torchrun) is the caller's to leave
+        dist.init_process_group("gloo")
+        assert main([*TEACHER[:3], "--batch-size", "6", "--epochs", "1", "--data", str(tiny_folder),
+                     "--out", str(tmp_path / "mine"), "--no-progress"]) == 0
+        assert joined == [True, True] and dist.is_initialized()
     finally:
         if dist.is_initialized():
             real_destroy()

@@ -62,23 +62,29 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "MASTER_ADDR" in os.environ
 
 
+_joined_groups: list[object] = []  # the group init_distributed made, for close_distributed
+
+
 def init_distributed() -> tuple[int, int]:
     """Join the process group when launched by torchrun, also as a group of one (the same DDP code
     path as several processes); (rank, world size)."""
     if launched_by_torchrun() and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend)
+        _joined_groups.append(dist.group.WORLD)
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
 def close_distributed() -> None:
-    """Leave the process group before the interpreter exits. A gloo process that exits with its
+    """Leave the process group :func:`init_distributed` joined, before the interpreter exits; a
+    group the caller made itself (a notebook, a harness) stays. A gloo process that exits with its
     group alive can abort in the group's C++ threads during finalization ("terminate called without
     an active exception", SIGABRT, pytorch/pytorch#190489): torchrun then reports the run failed."""
-    if dist.is_available() and dist.is_initialized():
+    if _joined_groups and dist.is_initialized() and dist.group.WORLD is _joined_groups[-1]:
         dist.destroy_process_group()
+    _joined_groups.clear()
 
 
 def is_main_process() -> bool:
