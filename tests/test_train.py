@@ -552,6 +552,33 @@ def test_resume_removes_partial_files_of_a_killed_write(tmp_path: Path, tiny_fol
     assert not list(run.glob("*.tmp"))
 
 
+@pytest.mark.parametrize("change", ["another optimizer", "another parameter group", "another model"])
+def test_a_state_of_another_layout_is_one_line(change: str, tmp_path: Path, tiny_folder: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """A state.pt from another daqkd version (PACT's alpha had an optimizer of its own once) or
+    another run: one error line naming the fix, no traceback, the run untouched."""
+    run = tmp_path / "t"
+    assert main(["teacher", "--data", str(tiny_folder), "--arch", "resnet20", "--epochs", "1", "--batch-size", "12",
+                 "--out", str(run), "--no-progress"]) == 0
+    state = torch.load(run / "state.pt", weights_only=True)
+    if change == "another optimizer":
+        state["optimizers"].append(state["optimizers"][0])
+        state["schedulers"].append(state["schedulers"][0])
+    elif change == "another parameter group":
+        groups = state["optimizers"][0]["param_groups"]
+        groups.append({**groups[0], "params": []})
+    else:
+        state["model"].pop(next(iter(state["model"])))
+    torch.save(state, run / "state.pt")
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert main(["teacher", "--resume", "--out", str(run), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("daqkd: error:") and "does not fit this run" in err, err
+    assert "start a new run directory" in err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
 def test_every_option_has_help_and_torch_compile_noise_is_gone() -> None:
     import argparse
     import subprocess

@@ -338,6 +338,9 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state["optimizers"]) != len(self.optimizers) or len(state["schedulers"]) != len(self.optimizers):
+            raise ValueError(f"it holds {len(state['optimizers'])} optimizer(s), this run builds "
+                             f"{len(self.optimizers)}")
         self.model.load_state_dict(state["model"])
         for (optimizer, scheduler), o_state, s_state in zip(self.optimizers, state["optimizers"], state["schedulers"]):
             optimizer.load_state_dict(o_state)
@@ -376,7 +379,12 @@ class Trainer:
         except Exception as exc:
             raise DaqkdError(f"cannot read {path} ({type(exc).__name__}): the run's state is damaged; "
                              "start a new run directory") from exc
-        self.load_state_dict(state)
+        try:
+            self.load_state_dict(state)
+        except (KeyError, ValueError, RuntimeError, TypeError) as exc:  # another layout: other keys, groups, sizes
+            raise DaqkdError(f"{path} does not fit this run ({type(exc).__name__}: {str(exc).splitlines()[0]}): "
+                             "it was written by another daqkd version or run; resume with that version, or "
+                             "start a new run directory") from exc
         if is_main_process():
             # the log holds exactly the epochs the state has finished: a kill between a log line
             # and the state save would otherwise leave that epoch twice
