@@ -224,3 +224,31 @@ def test_atomic_writes_reach_the_disk_before_the_rename(tmp_path: Path, monkeypa
     assert events[0].startswith("fsync config.json.") and events[0].endswith(".tmp")
     assert events[1:] == ["replace config.json", "fsync run"]
     assert json.loads((tmp_path / "run" / "config.json").read_text()) == {"a": 1}
+
+
+@pytest.mark.parametrize("code,fails", [("EINVAL", False), ("ENOTSUP", False), ("EIO", True)])
+def test_a_directory_fsync_the_file_system_refuses_is_not_a_failed_write(
+        code: str, fails: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Network and FUSE file systems may refuse fsync on a directory: the file is already renamed
+    into place then, so only a real I/O error fails the write."""
+    import errno
+    import os
+    import stat
+
+    from daqkd import rundir
+
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    if fails:
+        with pytest.raises(OSError, match=os.strerror(errno.EIO)):
+            rundir.write_json_atomic(tmp_path / "config.json", {"a": 1})
+    else:
+        rundir.write_json_atomic(tmp_path / "config.json", {"a": 1})
+    assert json.loads((tmp_path / "config.json").read_text()) == {"a": 1}  # renamed into place either way
+    assert not list(tmp_path.glob("*.tmp"))

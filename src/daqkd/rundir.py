@@ -15,6 +15,7 @@ reader or a killed process never sees half a file.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -51,7 +52,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         _fsync(tmp)
         os.replace(tmp, path)
         if os.name == "posix":  # a directory cannot be opened for fsync on Windows
-            _fsync(path.parent)
+            _fsync_directory(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -63,6 +64,17 @@ def _fsync(path: str | Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_directory(path: str | Path) -> None:
+    """fsync a directory where the file system supports it: some network and FUSE file systems
+    refuse it (EINVAL, ENOTSUP), and after the rename the write has happened, so only a real I/O
+    error (EIO, ENOSPC) is worth failing the command for."""
+    try:
+        _fsync(path)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF, errno.EACCES):
+            raise
 
 
 def _umask() -> int:
