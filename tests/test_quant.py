@@ -218,6 +218,11 @@ def test_mse_clip() -> None:
     act = torch.rand(256, 16, 32, 32, generator=torch.Generator().manual_seed(1)) * 2
     act[..., 0] = 0
     assert 1.0 < mse_clip(act, 3, signed=False).item() <= 2.0
+    # 56 columns (ImageNet-style stages): the odd stride 49 would land on every 7th column only
+    act = torch.rand(64, 16, 56, 56, generator=torch.Generator().manual_seed(2)) * 2
+    act[..., ::7] = 0
+    assert act.numel() // (1 << 16) == 49
+    assert 1.0 < mse_clip(act, 3, signed=False).item() <= 2.0
 
 
 def test_quantize_model_policies_and_shapes() -> None:

@@ -6,6 +6,8 @@ extra temporaries: fake quantization is elementwise and its cost is memory traff
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import kernels
@@ -58,16 +60,20 @@ def mse_clip(x: torch.Tensor, bits: int, signed: bool, dims: tuple[int, ...] | N
 
     x: any shape; dims: dimensions reduced to one range each (None: all, returns a 0-d tensor; else
     the kept dimensions stay, with size 1 on ``dims``). Tensors reduced as a whole are subsampled to
-    about ``max_elements`` with a fixed odd stride (every image row and column gets sampled), so
-    calibrating a large activation stays cheap.
+    about ``max_elements`` with a fixed stride coprime with the last dimension (every image column
+    gets sampled), so calibrating a large activation stays cheap.
     """
     x = x.detach().float()
     if dims is None:
+        width = x.shape[-1] if x.ndim else 1
         x = x.flatten()
         if x.numel() > max_elements:
             stride = x.numel() // max_elements
-            # odd: a power-of-two stride over an (N, C, H, W) activation would sample one image column
-            x = x[:: stride + 1 - stride % 2]
+            # a stride sharing a factor with the width (a power of two over 32 columns, a multiple of
+            # 7 over 56) samples only some image columns; for power-of-two widths this is the next odd
+            while math.gcd(stride, width) != 1:
+                stride += 1
+            x = x[::stride]
         dims = (0,)
         keep = False
     else:
