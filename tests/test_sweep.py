@@ -235,6 +235,27 @@ def test_sweep_end_to_end_and_resumes(tmp_path: Path, tiny_folder: Path, capsys:
     assert "ranks other candidates" in capsys.readouterr().err
 
 
+def test_a_sweep_compares_paths_as_the_folders_they_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sweep continued from another directory: --data ../d names the folder its runs stored as d
+    (relative to where they started); the same string d from there names another folder, refused."""
+    from daqkd.api import SweepOptions
+    from daqkd.errors import DaqkdError
+    from daqkd.sweep_runner import check_same_configuration
+
+    start, elsewhere = tmp_path / "start", tmp_path / "start" / "elsewhere"
+    elsewhere.mkdir(parents=True)
+    out = tmp_path / "sweep"
+    (out / "runs" / "none-seed0").mkdir(parents=True)
+    (out / "runs" / "none-seed0" / "config.json").write_text(json.dumps(
+        {"command": "train", "args": {"data": "d", "teacher": "t"}, "cwd": str(start)}))
+    monkeypatch.chdir(elsewhere)
+    check_same_configuration(out, SweepOptions(data="../d", teacher="../t", out=str(out)), None)
+    with pytest.raises(DaqkdError, match=r"--data 'd' \(now 'd'\)"):
+        check_same_configuration(out, SweepOptions(data="d", teacher="../t", out=str(out)), None)
+    monkeypatch.chdir(start)  # where the runs started: the stored spelling itself
+    check_same_configuration(out, SweepOptions(data="d", teacher="t", out=str(out)), None)
+
+
 @pytest.mark.parametrize("text", ["{not json", "[]", '{"candidates": [{"name": "none"}]}',
                                   '{"candidates": [{"rank": 1}], "selected": "none"}',
                                   '{"candidates": [{"name": "none"}], "selected": "randaugment"}'])

@@ -704,7 +704,8 @@ def test_resume_rejects_changed_options_and_the_wrong_command(tmp_path: Path, ti
 
 
 def test_resume_from_another_directory_reads_the_runs_relative_paths(tmp_path: Path, tiny_folder: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                     monkeypatch: pytest.MonkeyPatch,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.chdir(tiny_folder.parent)
     run = tmp_path / "t"
     assert main(["teacher", "--data", tiny_folder.name, "--arch", "resnet20", "--epochs", "1", "--batch-size", "12",
@@ -713,6 +714,12 @@ def test_resume_from_another_directory_reads_the_runs_relative_paths(tmp_path: P
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)  # --data is relative to where the run started, not to here
     assert main(["teacher", "--resume", "--out", str(run), "--no-progress"]) == 0
+    # given again, a path is compared as the folder it names: ../tiny from here is the stored tiny
+    assert main(["teacher", "--resume", "--out", str(run), "--data", "../tiny", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["teacher", "--resume", "--out", str(run), "--data", "tiny", "--no-progress"]) == 2  # another folder
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "--data 'tiny' (stored 'tiny') would change the run" in err, err
 
 
 @pytest.mark.parametrize("epoch", [1, 2])

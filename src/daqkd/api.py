@@ -53,6 +53,7 @@ from .rundir import (
     RANK_FILE,
     STATE_FILE,
     check_output,
+    same_path,
     stored_ranking,
     write_json_atomic,
 )
@@ -337,21 +338,28 @@ def prepare_run(options: Options, command: str) -> tuple[Options, Path]:
             raise DaqkdError(f"{run} is a `daqkd {stored_command}` run: resume it with daqkd {stored_command} "
                              f"--resume --out {run}")
         names = {f.name for f in fields(options)}
+        start = saved.get("cwd") if isinstance(saved.get("cwd"), str) else os.getcwd()
         changed = [name for name in sorted(options.explicit() & names - set(RESUME_KEEPS)) if name in stored
-                   and getattr(options, name) != stored[name]]
+                   and not _same_option(name, getattr(options, name), stored[name], start)]
         if changed:
             listed = ", ".join(f"--{n.replace('_', '-')} {getattr(options, n)!r} (stored {stored[n]!r})"
                                for n in changed)
             raise DaqkdError(f"--resume continues {run} with its stored options; {listed} would change the run: drop "
                              f"{'it' if len(changed) == 1 else 'them'}, or start a new run in another --out")
-        start = saved.get("cwd")
-        if isinstance(start, str) and Path(start) != Path.cwd():  # resumed from elsewhere: paths stay the run's
+        if Path(start) != Path.cwd():  # resumed from elsewhere: paths stay the run's
             stored = {k: str(Path(start) / v) if k in PATH_OPTIONS and isinstance(v, str) and
                       not Path(v).expanduser().is_absolute() else v for k, v in stored.items()}
         options = replace(options, **{k: v for k, v in stored.items() if k in names and k not in RESUME_KEEPS})
     elif (run / STATE_FILE).exists():
         raise DaqkdError(f"{run} already holds a run: pass --resume to continue it, or another --out")
     return options, run
+
+
+def _same_option(name: str, given: Any, stored: Any, start: str) -> bool:
+    """Whether an option given on --resume is the stored one; paths as the files they name."""
+    if name in PATH_OPTIONS and isinstance(given, str) and isinstance(stored, str):
+        return same_path(given, stored, start)
+    return given == stored
 
 
 def write_run_config(options: Options, run: Path, command: str) -> None:

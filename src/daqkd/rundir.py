@@ -83,6 +83,14 @@ def _umask() -> int:
     return mask
 
 
+def same_path(given: str, stored: str, start: str | None) -> bool:
+    """Whether ``given`` (relative to this process's directory) names the same file as ``stored``,
+    relative to ``start``, the directory the run that stored it started in (config.json's cwd;
+    None: this one). ``../d`` from a run's parent and ``d`` from where it started are the same."""
+    base = Path(start) if start else Path.cwd()
+    return Path(given).expanduser().resolve() == (base / Path(stored).expanduser()).resolve()
+
+
 def check_output(path: str | Path, kind: str, option: str = "--out") -> None:
     """Before any work: ``path`` can become a ``kind`` ("file" or "directory") we may write.
 

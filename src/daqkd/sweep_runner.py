@@ -37,6 +37,7 @@ from .rundir import (
     TRAIN_LOG,
     check_output,
     finished_run,
+    same_path,
     stored_ranking,
     write_json_atomic,
     write_text_atomic,
@@ -218,9 +219,10 @@ def _option(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _same(name: str, stored: Any, current: Any) -> bool:
+def _same(name: str, stored: Any, current: Any, start: str | None) -> bool:
+    """Paths compare as the files they name: ``stored`` from the run's start directory ``start``."""
     if name in PATH_OPTIONS and stored is not None and current is not None:
-        return os.path.normpath(str(stored)) == os.path.normpath(str(current))
+        return same_path(str(current), str(stored), start)
     return stored == current
 
 
@@ -230,12 +232,14 @@ def check_same_configuration(out: Path, args: SweepOptions, stored_sweep: dict[s
     differences: dict[str, tuple[Any, Any]] = {}
     for config_file in sorted(out.glob("runs/*/config.json")):
         try:
-            stored = json.loads(config_file.read_text())["args"]
-        except (OSError, ValueError, KeyError) as exc:
+            saved = json.loads(config_file.read_text())
+            stored, start = saved["args"], saved.get("cwd")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
             raise DaqkdError(f"{config_file} is unreadable ({exc}): delete that run or use another --out") from exc
         for name in COMPARED_OPTIONS:
             current = getattr(args, name, None)
-            if name in stored and not _same(name, stored[name], current) and name not in differences:
+            if name in stored and not _same(name, stored[name], current, start if isinstance(start, str) else None) \
+                    and name not in differences:
                 differences[name] = (stored[name], current)
     if stored_sweep is not None:
         if stored_sweep.get("seed", args.seed) != args.seed:
