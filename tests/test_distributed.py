@@ -74,6 +74,18 @@ def torchrun(args: list[str], processes: int = 2, timeout: float = 300) -> None:
         torch.multiprocessing._set_thread_name(thread_name)
 
 
+def torchrun_env_of_one_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The variables torchrun gives rank 0 of a group of one, on a free local port."""
+    import socket
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(name, value)
+
+
 def torchrun_process(args: list[str], processes: int = 2) -> subprocess.Popen:
     """The ``torchrun`` command as a process of its own (a session leader, so that a test can kill the
     agent and its workers together, as a lost node or a scheduler does)."""
@@ -184,7 +196,6 @@ def test_batch_must_split_evenly(tiny_folder: Path, tmp_path: Path, monkeypatch:
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_rank", lambda: 0)
     monkeypatch.setattr(dist, "get_world_size", lambda: 2)
-    monkeypatch.setattr(dist, "destroy_process_group", lambda: None)  # the faked group has nothing to leave
     assert main([*TEACHER[:3], "--batch-size", "9", "--epochs", "1", "--data", str(tiny_folder),
                  "--out", str(tmp_path / "odd"), "--no-progress"]) == 2
     assert capsys.readouterr().err == \
@@ -199,16 +210,9 @@ def test_a_command_leaves_the_process_group_it_joined(tiny_folder: Path, tmp_pat
     before returning, error or not: a gloo process exiting with its group alive can abort during
     interpreter finalization (SIGABRT, which failed the two-process test above now and then). A
     group the caller joined before is left alone."""
-    import socket
-
     import torch.distributed as dist
 
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
-    for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                        "MASTER_PORT": str(port)}.items():
-        monkeypatch.setenv(name, value)
+    torchrun_env_of_one_process(monkeypatch)
     joined: list[bool] = []
     real_destroy = dist.destroy_process_group
 
@@ -269,8 +273,6 @@ def test_a_torchrun_group_of_one_takes_the_ddp_path(tmp_path: Path, monkeypatch:
     code path of several processes (benchmarks/gpu_issue16.sh compares it with a plain run on a GPU).
     --compile works there too: DDP's forward stays eager and the student's graphs are split at its
     gradient buckets (DDPOptimizer), traced here with aot_eager (see test_train), same weights."""
-    import socket
-
     import torch.distributed as dist
 
     import daqkd.train as train_module
@@ -279,12 +281,7 @@ def test_a_torchrun_group_of_one_takes_the_ddp_path(tmp_path: Path, monkeypatch:
     from .conftest import make_image_folder
     from .test_train import small_trainer
 
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
-    for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                        "MASTER_PORT": str(port)}.items():
-        monkeypatch.setenv(name, value)
+    torchrun_env_of_one_process(monkeypatch)
     monkeypatch.setattr(train_module, "COMPILE_BACKEND", "aot_eager")
     assert init_distributed() == (0, 1)
     try:
