@@ -53,7 +53,7 @@ from .rundir import (
     RANK_FILE,
     STATE_FILE,
     check_output,
-    same_path,
+    same_option,
     stored_ranking,
     write_json_atomic,
 )
@@ -340,7 +340,7 @@ def prepare_run(options: Options, command: str) -> tuple[Options, Path]:
         names = {f.name for f in fields(options)}
         start = saved.get("cwd") if isinstance(saved.get("cwd"), str) else os.getcwd()
         changed = [name for name in sorted(options.explicit() & names - set(RESUME_KEEPS)) if name in stored
-                   and not _same_option(name, getattr(options, name), stored[name], start)]
+                   and not same_option(getattr(options, name), stored[name], start, name in PATH_OPTIONS)]
         if changed:
             listed = ", ".join(f"--{n.replace('_', '-')} {getattr(options, n)!r} (stored {stored[n]!r})"
                                for n in changed)
@@ -353,13 +353,6 @@ def prepare_run(options: Options, command: str) -> tuple[Options, Path]:
     elif (run / STATE_FILE).exists():
         raise DaqkdError(f"{run} already holds a run: pass --resume to continue it, or another --out")
     return options, run
-
-
-def _same_option(name: str, given: Any, stored: Any, start: str) -> bool:
-    """Whether an option given on --resume is the stored one; paths as the files they name."""
-    if name in PATH_OPTIONS and isinstance(given, str) and isinstance(stored, str):
-        return same_path(given, stored, start)
-    return given == stored
 
 
 def write_run_config(options: Options, run: Path, command: str) -> None:

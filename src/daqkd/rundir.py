@@ -83,12 +83,15 @@ def _umask() -> int:
     return mask
 
 
-def same_path(given: str, stored: str, start: str | None) -> bool:
-    """Whether ``given`` (relative to this process's directory) names the same file as ``stored``,
-    relative to ``start``, the directory the run that stored it started in (config.json's cwd;
-    None: this one). ``../d`` from a run's parent and ``d`` from where it started are the same."""
-    base = Path(start) if start else Path.cwd()
-    return Path(given).expanduser().resolve() == (base / Path(stored).expanduser()).resolve()
+def same_option(given: Any, stored: Any, start: str | None, is_path: bool) -> bool:
+    """Whether an option given now is the one a run stored. Paths compare as the files they name:
+    ``given`` relative to this process's directory, ``stored`` relative to ``start``, the directory
+    the run started in (config.json's cwd; None: this one), so ``../d`` from a run's parent and
+    ``d`` from where it started are the same."""
+    if is_path and isinstance(given, str) and isinstance(stored, str):
+        base = Path(start) if start else Path.cwd()
+        return Path(given).expanduser().resolve() == (base / Path(stored).expanduser()).resolve()
+    return given == stored
 
 
 def check_output(path: str | Path, kind: str, option: str = "--out") -> None:

@@ -37,7 +37,7 @@ from .rundir import (
     TRAIN_LOG,
     check_output,
     finished_run,
-    same_path,
+    same_option,
     stored_ranking,
     write_json_atomic,
     write_text_atomic,
@@ -219,13 +219,6 @@ def _option(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _same(name: str, stored: Any, current: Any, start: str | None) -> bool:
-    """Paths compare as the files they name: ``stored`` from the run's start directory ``start``."""
-    if name in PATH_OPTIONS and stored is not None and current is not None:
-        return same_path(str(current), str(stored), start)
-    return stored == current
-
-
 def check_same_configuration(out: Path, args: SweepOptions, stored_sweep: dict[str, Any] | None) -> None:
     """Stop with one error line naming every option in which ``args`` differs from the runs that
     ``out`` already holds (their config.json), or from the sweep's stored seed list and default."""
@@ -238,8 +231,8 @@ def check_same_configuration(out: Path, args: SweepOptions, stored_sweep: dict[s
             raise DaqkdError(f"{config_file} is unreadable ({exc}): delete that run or use another --out") from exc
         for name in COMPARED_OPTIONS:
             current = getattr(args, name, None)
-            if name in stored and not _same(name, stored[name], current, start if isinstance(start, str) else None) \
-                    and name not in differences:
+            if name in stored and name not in differences and not same_option(
+                    current, stored[name], start if isinstance(start, str) else None, name in PATH_OPTIONS):
                 differences[name] = (stored[name], current)
     if stored_sweep is not None:
         if stored_sweep.get("seed", args.seed) != args.seed:
