@@ -13,6 +13,7 @@ from daqkd.checkpoint import read_checkpoint, save_checkpoint
 from daqkd.errors import DaqkdError
 from daqkd.loading import load_model
 from daqkd.models import NormalizedModel, create_model, parse_normalization
+from daqkd.quant import QuantConfig, quantize_model
 
 
 @pytest.mark.parametrize("arch,params", [("resnet20", 0.27), ("resnet32", 0.46), ("resnet56", 0.85),
@@ -166,6 +167,28 @@ def test_named_normalizations_say_whose_they_are() -> None:
     assert parse_normalization("cifar100-authors") == parse_normalization("0.5071,0.4867,0.4408:0.2675,0.2565,0.2761")
 
 
+def test_checkpoints_say_their_format_and_older_ones_load_where_nothing_changed(tmp_path: Path) -> None:
+    """A checkpoint without a format entry is format 1: it loads unless it is a W32/A-k EWGS model,
+    whose activations compute otherwise since format 2 (tested in the parametrized test below)."""
+    from safetensors.torch import save_file
+
+    from daqkd.checkpoint import FORMAT_VERSION
+
+    model = create_model("resnet20", 3)
+    save_checkpoint(tmp_path / "new.safetensors", model, {"arch": "resnet20", "normalize": "cifar10"})
+    assert read_checkpoint(tmp_path / "new.safetensors")[1]["format"] == FORMAT_VERSION == 2
+    for quant in ('null', '{"method": "ewgs", "w_bits": 3, "a_bits": 3}', ('{"method": "lsq", "w_bits": 32, '
+                  '"a_bits": 4}')):
+        quantized = create_model("resnet20", 3)
+        if quant != "null":
+            quantize_model(quantized, QuantConfig(**json.loads(quant)))
+        save_file({k: v.contiguous() for k, v in quantized.state_dict().items()}, str(tmp_path / "old.safetensors"),
+                  metadata={"daqkd": '{"arch": "resnet20", "normalize": "cifar10", "num_classes": 3, "quant": '
+                            + quant + '}'})
+        _, info = load_model(tmp_path / "old.safetensors")
+        assert info.get("format", 1) == 1 and info["quant"] == (json.loads(quant) if quant != "null" else None)
+
+
 @pytest.mark.parametrize("metadata,message", [
     ("{not json", "damaged daqkd metadata (not JSON"),
     ('["arch"]', "damaged daqkd metadata (a list"),
@@ -173,6 +196,11 @@ def test_named_normalizations_say_whose_they_are() -> None:
     ('{"arch": "resnet20", "normalize": "cifar10", "num_classes": -1}', "num_classes is -1"),
     (('{"arch": "resnet20", "normalize": "cifar10", "num_classes": 3, "quant": {"method": "ewgs", "w_bits": 2, '
      '"warp": 1}}'), "does not know (warp)"),
+    ('{"arch": "resnet20", "normalize": "cifar10", "num_classes": 3, "format": "2"}', "format is '2'"),
+    ('{"arch": "resnet20", "normalize": "cifar10", "num_classes": 3, "format": 3}', "newer daqkd (format 3"),
+    # no format entry: written before 2026-11-29, when W32/A-k EWGS activations returned [0, 1] codes
+    (('{"arch": "resnet20", "normalize": "cifar10", "num_classes": 3, "quant": {"method": "ewgs", "w_bits": 32, '
+     '"a_bits": 4}}'), "W32/A4 EWGS model from before 2026-11-29"),
 ])
 def test_damaged_metadata_gives_one_line(metadata: str, message: str, tmp_path: Path,
                                          capsys: pytest.CaptureFixture[str], tiny_folder: Path) -> None:

@@ -552,11 +552,14 @@ def test_resume_removes_partial_files_of_a_killed_write(tmp_path: Path, tiny_fol
     assert not list(run.glob("*.tmp"))
 
 
-@pytest.mark.parametrize("change", ["another optimizer", "another parameter group", "another model"])
-def test_a_state_of_another_layout_is_one_line(change: str, tmp_path: Path, tiny_folder: Path,
+@pytest.mark.parametrize("change,message", [
+    ("another optimizer", "does not fit this run"), ("another parameter group", "does not fit this run"),
+    ("another model", "does not fit this run"), ("a newer format", "written by a newer daqkd (format 99"),
+])
+def test_a_state_of_another_layout_is_one_line(change: str, message: str, tmp_path: Path, tiny_folder: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
-    """A state.pt from another daqkd version (PACT's alpha had an optimizer of its own once) or
-    another run: one error line naming the fix, no traceback, the run untouched."""
+    """A state.pt from another daqkd version (PACT's alpha had an optimizer of its own once; a newer
+    format) or another run: one error line naming the fix, no traceback, the run untouched."""
     run = tmp_path / "t"
     assert main(["teacher", "--data", str(tiny_folder), "--arch", "resnet20", "--epochs", "1", "--batch-size", "12",
                  "--out", str(run), "--no-progress"]) == 0
@@ -567,15 +570,18 @@ def test_a_state_of_another_layout_is_one_line(change: str, tmp_path: Path, tiny
     elif change == "another parameter group":
         groups = state["optimizers"][0]["param_groups"]
         groups.append({**groups[0], "params": []})
-    else:
+    elif change == "another model":
         state["model"].pop(next(iter(state["model"])))
+    else:
+        assert state["format"] == 2
+        state["format"] = 99
     torch.save(state, run / "state.pt")
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     capsys.readouterr()
     assert main(["teacher", "--resume", "--out", str(run), "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert len(err.splitlines()) == 1 and err.startswith("daqkd: error:") and "does not fit this run" in err, err
-    assert "start a new run directory" in err
+    assert len(err.splitlines()) == 1 and err.startswith("daqkd: error:") and message in err, err
+    assert ("start a new run directory" if message == "does not fit this run" else "upgrade daqkd") in err
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
 
 

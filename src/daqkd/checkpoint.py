@@ -22,6 +22,9 @@ from .errors import DaqkdError
 from .rundir import atomic_path
 
 METADATA_KEY = "daqkd"
+# Bumped when the same weights and metadata would give another model. 1 (no "format" entry): before
+# 2026-11-29. 2: EWGS activations beside 32-bit weights (W32/A-k) return l + (u - l) q, not q.
+FORMAT_VERSION = 2
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -66,13 +69,28 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, metadata: dict[str, Any]) -> None:
-    """Write ``model``'s state dict and metadata as safetensors, atomically."""
+    """Write ``model``'s state dict and metadata (with the ``format`` version) as safetensors, atomically."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
         try:
-            save_file(state, str(tmp), metadata={METADATA_KEY: json.dumps(metadata)})
+            save_file(state, str(tmp), metadata={METADATA_KEY: json.dumps({**metadata, "format": FORMAT_VERSION})})
         except (SafetensorError, RuntimeError) as exc:  # safetensors reports a full disk as its own error
             raise write_failed(path, exc) from exc
+
+
+def check_format(path: str | Path, version: Any, quant: dict[str, Any] | None) -> None:
+    """One error line for a checkpoint or resume state (format ``version``, quantization ``quant`` as
+    a QuantConfig dict or None) that this daqkd would load as another model than it was trained as."""
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise DaqkdError(f"{path} has damaged daqkd metadata: format is {version!r}, not a positive integer")
+    if version > FORMAT_VERSION:
+        raise DaqkdError(f"{path} was written by a newer daqkd (format {version}; this one reads up to "
+                         f"{FORMAT_VERSION}): upgrade daqkd")
+    if version < 2 and quant and quant.get("method") == "ewgs" and quant.get("w_bits") == 32:
+        # the weights would load, and the model would compute something else than it was trained as
+        raise DaqkdError(f"{path} holds a W32/A{quant.get('a_bits')} EWGS model from before 2026-11-29, when these "
+                         "activations returned codes in [0, 1] instead of l + (u - l) q: retrain it with this "
+                         "daqkd, or use the daqkd it was trained with")
 
 
 def write_failed(path: str | Path, exc: BaseException) -> DaqkdError:

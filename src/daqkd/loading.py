@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import read_checkpoint, resolve_checkpoint
+from .checkpoint import check_format, read_checkpoint, resolve_checkpoint
 from .errors import DaqkdError
 
 
@@ -166,6 +166,7 @@ def check_metadata(file: Path, meta: dict[str, Any]) -> None:
         if unknown:
             raise DaqkdError(f"{file} has a quantization setting this daqkd does not know ({', '.join(unknown)}): "
                              "it was written by another version; use that version or retrain")
+    check_format(file, meta.get("format", 1), quant)
 
 
 def model_size_bytes(model: nn.Module) -> dict[str, float]:

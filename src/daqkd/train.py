@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .augment import Candidate
-from .checkpoint import save_checkpoint, write_failed
+from .checkpoint import FORMAT_VERSION, check_format, save_checkpoint, write_failed
 from .data import ImageSet
 from .distill import DistillLoss, DistillTask
 from .errors import DaqkdError
@@ -329,7 +329,7 @@ class Trainer:
             "optimizers": [o.state_dict() for o, _ in self.optimizers],
             "schedulers": [s.state_dict() for _, s in self.optimizers],
             "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
-            "best_top1": self.best_top1, "history": self.history,
+            "best_top1": self.best_top1, "history": self.history, "format": FORMAT_VERSION,
             "epoch_sums": self.epoch_sums, "epoch_seen": self.epoch_seen,
             "epoch_seconds": self.epoch_seconds + (time.perf_counter() - self._epoch_start
                                                    if self._epoch_start is not None else 0.0),
@@ -379,6 +379,7 @@ class Trainer:
         except Exception as exc:
             raise DaqkdError(f"cannot read {path} ({type(exc).__name__}): the run's state is damaged; "
                              "start a new run directory") from exc
+        check_format(path, state.get("format", 1) if isinstance(state, dict) else 1, self.metadata.get("quant"))
         try:
             self.load_state_dict(state)
         except (KeyError, ValueError, RuntimeError, TypeError) as exc:  # another layout: other keys, groups, sizes
