@@ -87,6 +87,21 @@ def test_analysis_controls_gains_and_verdict() -> None:
     assert "| none (default, not a candidate) |" in text
 
 
+def test_an_equal_order_is_said_as_such_and_no_correlation_has_no_direction() -> None:
+    """scipy gives -0.9999999999999999 for two equal orders of 5: the sentence that the sweep cannot
+    credit the metric beyond teacher accuracy still appears. A rho of exactly 0 (student top-1
+    71, 74, 72, 70, 73 in score order) has no direction, whichever way the figure prefers."""
+    scores = {f"da{i}": 0.1 * i for i in range(1, 6)}
+    ranking = fake_ranking(scores, {n: 0.1 - v / 10 for n, v in scores.items()})
+    top1 = dict(zip(sorted(scores, key=scores.get), [71.0, 74.0, 72.0, 70.0, 73.0]))
+    runs = [{"aug": n, "seed": s, "top1": top1[n] + s, "best_top1": top1[n] + s} for n in scores for s in range(2)]
+    result = analyze(ranking, runs, list(scores))
+    assert result["score_vs_teacher_accuracy_spearman"] == pytest.approx(-1.0)
+    assert "cannot credit the metric" in " ".join(result["verdict"])
+    for figure in ("score", "teacher_accuracy", "variance"):
+        assert result["controls"][figure]["spearman"] == 0.0 and result["controls"][figure]["direction"] == "none"
+
+
 def test_report_and_plot_name_the_score_the_ranking_used(tmp_path: Path) -> None:
     """A rank.json made with another --cmi-weight (a sweep reuses one copied in) is labelled as such;
     the plot is written atomically (a failed save leaves neither the file nor a temporary)."""

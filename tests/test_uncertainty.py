@@ -117,6 +117,22 @@ def test_verdict_names_the_winner_of_clearly_different_candidates() -> None:
     assert "is ahead of the runner-up weak" in clear["text"]
 
 
+def test_a_noisier_candidate_behind_the_runner_up_can_still_be_tied() -> None:
+    """The runner-up is 0.1 +- 0.006 behind, separated; the third is 0.2 behind but its score varies
+    far more across the image blocks (gap 0.2 +- ~2.4): it is tied, and the text says so."""
+    generator = torch.Generator().manual_seed(0)
+    blocks = 32
+    ranked = [{"name": "a", "score": 1.0}, {"name": "b", "score": 1.1}, {"name": "c", "score": 1.2}]
+    loo = {"a": ([1.0], [torch.full((blocks,), 1.0, dtype=torch.float64)]),
+           "b": ([1.1], [1.1 + 0.001 * torch.randn(blocks, generator=generator, dtype=torch.float64)]),
+           "c": ([1.2], [1.2 + 0.5 * torch.randn(blocks, generator=generator, dtype=torch.float64)])}
+    verdict = stability_verdict(ranked, loo)
+    assert ranked[1]["behind_selected"] / ranked[1]["behind_selected_se"] > 10
+    assert ranked[2]["behind_selected"] / ranked[2]["behind_selected_se"] < 1
+    assert verdict["tied_with_selected"] == ["c"] and verdict["verdict"] == "tie"
+    assert "no candidate is tied" not in verdict["text"] and "tied with it at 95 %: c" in verdict["text"]
+
+
 def test_the_paired_jackknife_separates_close_candidates_seen_on_the_same_images() -> None:
     # a margin 2.02 against 2.0: on the same images (labels and noise shared, as a real split's
     # passes are) the gap's paired SE is ~1e-4 and every seed separates them; drawn independently

@@ -327,15 +327,21 @@ def stability_verdict(ranked: list[dict[str, Any]],
     runner_up = ranked[1]
     z = _z(runner_up["behind_selected"], runner_up["behind_selected_se"])
     probability = 0.5 * math.erfc(-z / math.sqrt(2))  # Phi(z)
-    separated = runner_up["name"] not in tied
+    separated = not tied
     gap_text = f"{runner_up['behind_selected']:.4f} ± {runner_up['behind_selected_se']:.4f}"
     if separated:
         text = (f"{top} is ahead of the runner-up {runner_up['name']} by {gap_text} in score "
                 f"(P(ahead) = {probability:.3f}); no candidate is tied with it at 95 %")
-    else:
+    elif runner_up["name"] in tied:
         text = (f"tie: {top} is ahead of the runner-up {runner_up['name']} by only {gap_text} in score "
                 f"(P(ahead) = {probability:.2f}); tied with it at 95 %: {', '.join(tied)}. More images "
                 "(a larger --limit-per-class) or --repeats would separate them")
+    else:
+        # a candidate further down can be within 1.96 standard errors when its score varies more
+        text = (f"tie: {top} is ahead of the runner-up {runner_up['name']} by {gap_text} in score "
+                f"(P(ahead) = {probability:.3f}), but tied with it at 95 %: {', '.join(tied)}, whose scores "
+                "vary more across images. More images (a larger --limit-per-class) or --repeats would separate "
+                "them")
     return {"selected": top, "runner_up": runner_up["name"], "gap": runner_up["behind_selected"],
             "gap_se": runner_up["behind_selected_se"], "probability_selected_ahead": probability,
             "tied_with_selected": tied, "verdict": "separated" if separated else "tie", "text": text}

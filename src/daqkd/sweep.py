@@ -136,7 +136,7 @@ def _corr_dict(corr: Correlation | None, better: str | None = None) -> dict[str,
     if better is not None:
         out["better"] = better
         # a control predicts accuracy when the DAs it prefers train better students
-        out["direction"] = ("n/a" if math.isnan(corr.spearman) else
+        out["direction"] = ("n/a" if math.isnan(corr.spearman) else "none" if corr.spearman == 0 else
                             "as predicted" if (corr.spearman < 0) == (better == "lower") else "opposite")
     return out
 
@@ -263,7 +263,8 @@ def verdict_lines(analysis: dict[str, Any], picks: dict[str, str | None]) -> tup
         f"accuracy ({acc_pick}); the CMI term {'did not change' if pick == picks['score_without_cmi'] else 'changed'}"
         f" the pick (without it: {picks['score_without_cmi']})."
     )
-    if agree is not None and agree["spearman"] == -1.0:
+    # scipy's rho of two equal orders can be -0.9999999999999999 (n = 5, 10): compare with a tolerance
+    if agree is not None and agree["spearman"] <= -1.0 + 1e-9:
         lines.append("The score orders the candidates exactly as the teacher's accuracy under each DA does, so this "
                      "sweep cannot credit the metric with anything beyond that control.")
     ctrl = analysis["controls"]
@@ -405,7 +406,8 @@ def report_markdown(analysis: dict[str, Any], meta: dict[str, Any]) -> str:
         (
             "Each row correlates a figure of the teacher's predictions under each candidate DA with the candidates' "
             "student top-1 (mean over seeds). `better` is the direction the figure prefers: a figure that predicts "
-            "accuracy correlates negatively when lower is better, positively when higher is better (`direction`). "
+            "accuracy correlates negatively when lower is better, positively when higher is better (`direction`; "
+            "`none` for rho 0). "
             "Two-sided p-values, exact over all n! pairings for n <= 10."
         ),
         "",
