@@ -220,6 +220,9 @@ def test_sweep_end_to_end_and_resumes(tmp_path: Path, tiny_folder: Path, capsys:
     after = json.loads((sweep / "results.json").read_text())
     for key in ("summary", "controls", "gain", "verdict", "warnings", "candidates", "default"):
         assert after[key] == before[key], key
+    # the runs in the sweep's order, with the wall-clock seconds each sweep process recorded (the first
+    # process's too: a run's own files hold only its training seconds)
+    assert after["runs"] == before["runs"] and all(r["wall_seconds"] > 0 for r in after["runs"])
     assert (sweep / "report.md").read_text().startswith("# daqkd sweep") and (sweep / "scatter.png").is_file()
     assert "8 finished runs" in capsys.readouterr().out
     assert main(["sweep", "--report-only", "--out", str(tmp_path / "nothing")]) == 2

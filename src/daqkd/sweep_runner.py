@@ -263,6 +263,26 @@ def collect_finished(out: Path, names: list[str], seeds: list[int], epochs: int)
     return results
 
 
+def training_order(names: list[str], ranking: dict[str, Any], default: str) -> list[str]:
+    """The DAs in the order a sweep trains and lists them: best-ranked first, then the default (a
+    partial sweep already holds the pick and what it must beat), then the rest by rank."""
+    ordered = sorted(names, key=lambda n: next(c["rank"] for c in ranking["candidates"] if c["name"] == n))
+    if default not in ordered:
+        ordered.insert(1, default)
+    return ordered
+
+
+def stored_wall_seconds(out: Path) -> dict[tuple[str, int], float]:
+    """Wall-clock seconds per (DA, seed) that earlier sweep processes recorded in results.json (a
+    run's own files hold only its training seconds): kept when a resumed sweep or --report-only
+    rewrites the file."""
+    try:
+        runs = json.loads((out / "results.json").read_text())["runs"]
+        return {(r["aug"], int(r["seed"])): float(r["wall_seconds"]) for r in runs if "wall_seconds" in r}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
 class SweepOutputs:
     """Writes results.json, report.md and scatter.png of a sweep from its finished runs."""
 
@@ -320,8 +340,12 @@ def report_only(args: SweepOptions) -> dict[str, Any]:
     ranking = stored_ranking(rank_file, names, fields=RANKING_FIELDS)
     assert ranking is not None  # checked above that the file is there
     seeds = [config["seed"] + i for i in range(config.get("seeds", 1))]
-    trained = names + ([default] if default not in names else [])
+    trained = training_order(names, ranking, default)
     results = collect_finished(out, trained, seeds, config["epochs"])
+    wall_seconds_of = stored_wall_seconds(out)
+    for run in results:
+        if (run["aug"], run["seed"]) in wall_seconds_of:
+            run["wall_seconds"] = wall_seconds_of[run["aug"], run["seed"]]
     meta = {"title": sweep_title(ranking.get("images", 0), config), "device": old_meta.get("device", "?"),
             "command": old_meta.get("command", "?")}
     analysis = SweepOutputs(out, ranking, names, default, config, meta).publish(results, len(trained) * len(seeds))
@@ -384,15 +408,12 @@ def run_sweep(args: SweepOptions) -> dict[str, Any]:
 
     command = "daqkd " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     seeds = [args.seed + i for i in range(args.seeds)]
-    # best-ranked first, then the default: a partial sweep already holds the pick and what it must beat
-    ordered = sorted(names, key=lambda n: next(c["rank"] for c in ranking["candidates"] if c["name"] == n))
-    if args.default not in ordered:
-        ordered.insert(1, args.default)
+    ordered = training_order(names, ranking, args.default)
     total = len(ordered) * len(seeds)
     config = dataclasses.asdict(args)
     meta = {"title": sweep_title(ranking.get("images", len(train)), args), "device": str(device), "command": command}
     outputs = SweepOutputs(out, ranking, names, args.default, config, meta)
-    wall_seconds_of: dict[tuple[str, int], float] = {}
+    wall_seconds_of = stored_wall_seconds(out)
 
     def finished_runs() -> list[dict[str, Any]]:
         """Every finished run on disk: other shards' too, when nodes share ``out``."""
