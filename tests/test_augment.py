@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torchvision.transforms import v2
@@ -128,6 +130,19 @@ def test_parse_candidates() -> None:
     assert parse_candidates("none, augmix+cutmix,none") == ["none", "augmix+cutmix"]
     with pytest.raises(DaqkdError, match="unknown augmentation 'autoaugment'.*autoaugment-cifar10"):
         parse_candidates("none,autoaugment")
+
+
+@pytest.mark.parametrize("name,message", [
+    ("all", "--aug takes one augmentation, got 'all'"), ("randaugment,none", "--aug takes one augmentation"),
+    (" randaugment", "unknown augmentation ' randaugment'"), ("none+cutmix ", "unknown augmentation 'none+cutmix '"),
+])
+def test_one_candidate_is_one_known_name(name: str, message: str) -> None:
+    """A list or 'all' where one DA is trained passed parse_candidates and trained with no policy."""
+    from daqkd.augment import check_candidate
+
+    assert check_candidate("randaugment+cutmix") == "randaugment+cutmix"
+    with pytest.raises(DaqkdError, match=re.escape(message)):
+        Candidate(name, 10)
 
 
 def test_large_mixed_size_images_get_resized_crops() -> None:

@@ -401,6 +401,9 @@ def test_sweep_bad_default_and_missing_teacher_give_one_line(tmp_path: Path, tin
     assert main([*base, "--teacher", str(tmp_path), "--default", "bogus"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown augmentation 'bogus'" in err[0]
+    assert main([*base, "--teacher", str(tmp_path), "--default", "none,augmix"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--default takes one augmentation" in err[0]
     assert main(base) == 2
     assert "pass --teacher RUN" in capsys.readouterr().err
 

@@ -332,6 +332,8 @@ def test_teacher_train_eval_end_to_end(tmp_path: Path, tiny_folder: Path, capsys
 @pytest.mark.parametrize("args,message", [
     (["train", "--teacher", "{teacher}", "--w-bits", "9"], "--w-bits must be an integer from 1 to 8"),
     (["train", "--teacher", "{teacher}", "--method", "lsq", "--aug", "bogus"], "unknown augmentation 'bogus'"),
+    (["train", "--teacher", "{teacher}", "--aug", "randaugment,none"], "--aug takes one augmentation"),
+    (["teacher", "--arch", "resnet20", "--aug", "all"], "--aug takes one augmentation, got 'all'"),
     (["eval", "{tmp}"], "holds no model.safetensors"),
     (["teacher", "--arch", "resnet20", "--resume"], "has no config.json"),
 ])

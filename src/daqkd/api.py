@@ -30,7 +30,7 @@ from typing import Any, Self, TypeVar
 
 import torch
 
-from .augment import parse_candidates
+from .augment import check_candidate, parse_candidates
 from .augment.custom import PerImageDA
 from .checkpoint import read_checkpoint, resolve_checkpoint
 from .data import ImageSet, image_set_from_dataset, load_data
@@ -405,7 +405,7 @@ def train_run(options: TrainOptions, command: str, data: tuple[ImageSet, ImageSe
 def _build_teacher(options: TeacherOptions, train: ImageSet, device: torch.device, run: Path) -> tuple:
     if options.arch is None:
         raise DaqkdError("pass --arch (the teacher's architecture)")
-    parse_candidates(options.aug or "none")
+    check_candidate(options.aug or "none")
     if options.init:
         model, info = load_model(options.init, arch=options.arch, normalize=options.normalize,
                                  num_classes=train.num_classes, classes=train.classes)
@@ -444,7 +444,7 @@ def _build_student(options: StudentOptions, train: ImageSet, device: torch.devic
     arch = options.arch or teacher_meta["arch"]
     quant = options.quant_config()
     aug = options.aug or "auto"
-    candidates = parse_candidates(options.augs if aug == "auto" else aug)
+    candidates = parse_candidates(options.augs) if aug == "auto" else [check_candidate(aug)]
     student = create_model(arch, train.num_classes)
     if arch == teacher_meta["arch"] and not options.init:
         student.load_state_dict(teacher.model.state_dict())

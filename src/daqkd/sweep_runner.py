@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from .api import StudentOptions, SweepOptions, load_teacher, train_student
-from .augment import parse_candidates
+from .augment import check_candidate, parse_candidates
 from .data import ImageSet
 from .errors import DaqkdError
 from .rank import rank_and_save
@@ -388,7 +388,7 @@ def run_sweep(args: SweepOptions) -> dict[str, Any]:
         with contextlib.suppress(OSError, ValueError, KeyError):
             stored_sweep = json.loads((out / "results.json").read_text())["config"]
     args = dataclasses.replace(args, default=args.default or (stored_sweep or {}).get("default") or DEFAULT_DA)
-    parse_candidates(args.default)
+    check_candidate(args.default, "--default")
     check_same_configuration(out, args, stored_sweep)
     init_distributed()
     out.mkdir(parents=True, exist_ok=True)

@@ -64,6 +64,18 @@ def parse_candidates(text: str) -> list[str]:
     return names
 
 
+def check_candidate(name: str, option: str = "--aug") -> str:
+    """``name`` if it is exactly one known candidate (not a list, not ``all``); DaqkdError naming
+    ``option`` otherwise. A list or ``all`` where one DA is trained would otherwise pass
+    :func:`parse_candidates` and train with no policy at all."""
+    if name in known_names():
+        return name
+    if "," in name or name.strip() == "all":
+        raise DaqkdError(f"{option} takes one augmentation, got {name!r}: pass one name (e.g. none+cutmix); "
+                         "lists and 'all' go to --augs")
+    raise DaqkdError(f"unknown augmentation {name!r}: use any of {', '.join(known_names())}")
+
+
 @dataclass
 class Candidate:
     """One candidate DA. ``__call__`` turns a batch of cached images into what the model sees.
@@ -79,8 +91,7 @@ class Candidate:
     mix_group: int = 0  # mixers: one draw per this many images (0: per batch, as in training)
 
     def __post_init__(self) -> None:
-        if self.name not in known_names():
-            parse_candidates(self.name)  # raises the error that lists the names
+        check_candidate(self.name)
         self.policy_name, _, self.mixer = self.name.partition("+")
         factory = POLICIES.get(self.policy_name)
         self.policy: Policy | None = factory() if factory is not None else None
