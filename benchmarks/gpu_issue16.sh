@@ -127,7 +127,8 @@ limited=benchmarks/results/cifar10-limited500-resnet20-w3a3
 for name in ${SWEEPS:-limited500-h200 full-h200}; do
   case $name in
     limited500-h200) run_sweep "$name" cifar10-limited500-resnet20-w3a3-h200 "$limited/teacher" "$limited/rank.json" \
-                       --seeds 3 --train-limit-per-class "${LIMIT:-500}" ${LIMIT:+--limit-per-class $LIMIT} ;;
+                       --seeds 3 --train-limit-per-class "${LIMIT:-500}" ${LIMIT:+--limit-per-class $LIMIT} \
+                       --ewgs-delta 0 ;;  # as planned: the CPU sweep's setup (fixed delta 0), only the epochs differ
     full-h200) run_sweep "$name" cifar10-resnet20-w3a3-h200-100ep "$teacher" \
                  benchmarks/results/cifar10-resnet20-w3a3/rank.json ${LIMIT:+--limit-per-class $LIMIT} ;;
     *) echo "unknown sweep $name (limited500-h200, full-h200)"; exit 2 ;;

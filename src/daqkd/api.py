@@ -191,7 +191,7 @@ class StudentOptions(TrainOptions):
     a_bits: int = 2
     per_channel: bool = False
     first_last: str = "fp"
-    ewgs_delta: str = "0"
+    ewgs_delta: str = "hessian"
     kd: str = "kd"
     gamma: float = 1.0
     alpha: float = 2.0

@@ -43,7 +43,9 @@ def add_student_args(s: argparse.ArgumentParser, resume: bool = True) -> None:
     s.add_argument("--a-bits", type=int, default=2, help="activation bits, 1-8 or 32 (default %(default)s)")
     s.add_argument("--per-channel", action="store_true", help="one weight scale or interval per output channel")
     s.add_argument("--first-last", default="fp", help="fp, same, or a bit width (e.g. 8)")
-    s.add_argument("--ewgs-delta", default="0", help="a fixed delta, or 'hessian'")
+    s.add_argument("--ewgs-delta", default="hessian",
+                   help="EWGS's gradient-scaling delta: 'hessian' (the paper's and authors' code: 0 for 10 epochs, "
+                        "then from the Hessian every 10 epochs), or a fixed number (0: straight-through)")
     s.add_argument("--kd", default="kd", choices=sorted(LOSSES), help="distillation loss (default %(default)s)")
     s.add_argument("--gamma", type=float, default=1.0, help="CE weight")
     s.add_argument("--alpha", type=float, default=2.0, help="KD weight")

@@ -30,8 +30,9 @@ class QuantConfig:
     full precision; per_channel: one weight scale or interval per output channel; first_last:
     "fp" keeps the first conv and the last linear in full precision (the paper's CIFAR runs), an
     int quantizes them at that many bits (8 in its Tiny-ImageNet runs), "same" like every layer.
-    ewgs_delta: None for the Hessian-based delta of the EWGS paper (see ewgs.update_ewgs_delta), a
-    number for a fixed one (0 = STE with learnable intervals, what the authors' code ran).
+    ewgs_delta: None (default) for the Hessian-based delta of the EWGS paper and the authors' code:
+    0 for the first ``ewgs_delta_every`` epochs, then re-estimated every ``ewgs_delta_every`` epochs
+    (see ewgs.update_ewgs_delta); a number for a fixed one (0 = STE with learnable intervals).
     ewgs_init: "paper" for the authors' 3-sigma intervals (made for 2-4 bits: they clip a pretrained
     model's large weights, costing ~10 points of W8A8 top-1 before training), "mse" for the
     interval that minimizes the quantization error at the layer's bit width.
@@ -42,7 +43,7 @@ class QuantConfig:
     a_bits: int = 2
     per_channel: bool = False
     first_last: str | int = "fp"
-    ewgs_delta: float | None = 0.0
+    ewgs_delta: float | None = None
     ewgs_init: str = "paper"
     pact_alpha: float = 10.0
     ewgs_delta_every: int = 10  # epochs between Hessian updates of EWGS's delta (when ewgs_delta is None)

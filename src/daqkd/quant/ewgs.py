@@ -10,10 +10,11 @@ that can be negative (signed) are mapped back to l + (u - l) x_q instead, becaus
 of an unsigned code would shift every output.
 Backward of the discretizer (eq. 5), element-wise gradient scaling:
   g_n = g_q (1 + delta sign(g_q) (x_n - x_q)).
-delta either fixed (0 = straight-through with learnable intervals, which is what the authors' code
-ran, since it never calls its Hessian update) or from the Hessian (sec. 3.3):
-  delta = max(0, (Tr(H) / N) / (3 std(g_q))), Tr(H) by Hutchinson's estimator, updated every few
-epochs with :func:`update_ewgs_delta`.
+delta either from the Hessian (sec. 3.3; the default, as in the authors' code):
+  delta = max(0, (Tr(H) / N) / (3 std(g_q))), Tr(H) by Hutchinson's estimator,
+starting at 0 and updated with :func:`update_ewgs_delta` at the start of epochs delta_every,
+2 delta_every, ... (their CIFAR train_quant.py: use_hessian True, update_every 10, first update at
+epoch 10), or fixed (0 = straight-through with learnable intervals, their --baseline gradient).
 Initialization from one batch as the authors' code: u_W = 3 std(w), l_W = -3 std(w);
 u_A = 3 std(x) / sqrt(1 - 2/pi), l_A = min(x); alpha = mean|FP output| / mean|quantized output|.
 ``init="mse"`` instead sets u = c (l = -c for weights and signed inputs) with c the range of least
@@ -172,10 +173,11 @@ class EWGSQuantizer(Quantizer):
     @classmethod
     def on_epoch_start(cls, model: nn.Module, epoch: int,
                        sample_batches: Callable[[], list[tuple[torch.Tensor, torch.Tensor]]]) -> None:
-        """The Hessian-based delta every ``delta_every`` epochs, from a few batches and the label CE
-        (the KD term would need the teacher per batch)."""
+        """The Hessian-based delta at the start of epochs ``delta_every``, 2 ``delta_every``, ... (0
+        before, as the authors' schedule), from a few batches and the label CE (the KD term would need
+        the teacher per batch)."""
         hessian = [m for m in model.modules() if isinstance(m, cls) and m.hessian_delta]
-        if hessian and epoch % hessian[0].delta_every == 0:
+        if hessian and epoch > 0 and epoch % hessian[0].delta_every == 0:
             update_ewgs_delta(model, _cross_entropy, sample_batches())
 
 
