@@ -175,6 +175,9 @@ def test_large_mixed_size_images_get_resized_crops() -> None:
         out, targets = Candidate(name, 4, crop_size=48)(varied, torch.arange(5) % 4, g)
         assert out.shape == (5, 3, 48, 48) and out.dtype == torch.uint8
         assert targets.shape[0] == 5
+    # a uniform set is small only when both sides are: 200x48 images are large, whatever their width
+    tall = torch.randint(0, 256, (3, 3, 200, 48), dtype=torch.uint8, generator=g)
+    assert Candidate("none", 4, crop_size=48).base_view(tall, g).shape == (3, 3, 48, 48)
 
 
 def test_mixup_equals_torchvision_on_float_images() -> None:

@@ -163,6 +163,9 @@ def test_cutmix_groups_draw_independently_and_keep_each_sample_a_cutmix_sample()
     assert len({min(g) for g in per_group}) == 4
     whole, _ = cutmix(images, labels, 4, torch.Generator().manual_seed(0))
     assert torch.equal(cutmix(images, labels, 4, torch.Generator().manual_seed(0), group=0)[0], whole)
+    # 9 images in groups of 8: the ninth would be paired with itself, unmixed; it joins the first group
+    mixed, soft = cutmix(images[:9], labels[:9], 4, torch.Generator().manual_seed(0), group=8)
+    assert not torch.equal(mixed[8], images[8]) and float(soft[8].max()) < 1.0
 
 
 def test_mixing_groups_keep_the_expected_score(tiny_folder) -> None:

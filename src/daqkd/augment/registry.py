@@ -99,7 +99,7 @@ class Candidate:
     def base_view(self, images: torch.Tensor | Sequence[torch.Tensor],
                   generator: torch.Generator) -> torch.Tensor:
         """The base augmentation (crop + flip) of every image; the clean view for ``identity``."""
-        small = isinstance(images, torch.Tensor) and images.shape[-1] <= SMALL_IMAGE_MAX
+        small = isinstance(images, torch.Tensor) and max(images.shape[-2:]) <= SMALL_IMAGE_MAX
         if self.policy_name == "identity":
             return images if small else center_view(images, self.crop_size)
         if small:
@@ -134,13 +134,16 @@ def batch_mix(transform: type[v2.CutMix | v2.MixUp], images: torch.Tensor, label
     draw: every image is still mixed with a neighbour under a lambda ~ Beta(1, 1), so each mixed
     sample has the same distribution, but a ranking pass over few images then averages over many
     draws instead of resting on one (a batch of 256 gets 32 draws at group 8). Mixing in groups of g
-    is the same as mixing batches of g. MixUp blends in float32 and rounds back to uint8 (at most half
-    a level from the exact blend).
+    is the same as mixing batches of g; a remainder of one image joins the group before it. MixUp
+    blends in float32 and rounds back to uint8 (at most half a level from the exact blend).
     """
     labels = labels.to(images.device)
     if 0 < group < images.shape[0]:
-        parts = [batch_mix(transform, images[i:i + group], labels[i:i + group], num_classes, generator)
-                 for i in range(0, images.shape[0], group)]
+        starts = list(range(0, images.shape[0], group))
+        if images.shape[0] - starts[-1] == 1:
+            starts.pop()  # a last image alone would be paired with itself, unmixed: the group before takes it
+        ends = [*starts[1:], images.shape[0]]
+        parts = [batch_mix(transform, images[a:b], labels[a:b], num_classes, generator) for a, b in zip(starts, ends)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     seed = int(torch.randint(2**62, (1,), generator=generator))
     blend = transform is v2.MixUp
