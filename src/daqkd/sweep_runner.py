@@ -251,8 +251,10 @@ def check_same_configuration(out: Path, args: SweepOptions, stored_sweep: dict[s
                          "(--seeds may grow) or use another --out")
 
 
-def collect_finished(out: Path, names: list[str], seeds: list[int], epochs: int) -> list[dict[str, Any]]:
-    """The finished runs of ``names`` x ``seeds`` under ``out/runs``."""
+def collect_finished(out: Path, names: list[str], seeds: list[int], epochs: int,
+                     wall_seconds: dict[tuple[str, int], float] | None = None) -> list[dict[str, Any]]:
+    """The finished runs of ``names`` x ``seeds`` under ``out/runs``, with their ``wall_seconds``
+    where known (a run's own files hold only its training seconds)."""
     results = []
     for seed in seeds:
         for aug in names:
@@ -260,6 +262,8 @@ def collect_finished(out: Path, names: list[str], seeds: list[int], epochs: int)
             done = finished_run(run, epochs)
             if done is not None:
                 results.append({"aug": aug, "seed": seed, "run": str(run.relative_to(out)), **done})
+                if wall_seconds and (aug, seed) in wall_seconds:
+                    results[-1]["wall_seconds"] = wall_seconds[aug, seed]
     return results
 
 
@@ -341,11 +345,7 @@ def report_only(args: SweepOptions) -> dict[str, Any]:
     assert ranking is not None  # checked above that the file is there
     seeds = [config["seed"] + i for i in range(config.get("seeds", 1))]
     trained = training_order(names, ranking, default)
-    results = collect_finished(out, trained, seeds, config["epochs"])
-    wall_seconds_of = stored_wall_seconds(out)
-    for run in results:
-        if (run["aug"], run["seed"]) in wall_seconds_of:
-            run["wall_seconds"] = wall_seconds_of[run["aug"], run["seed"]]
+    results = collect_finished(out, trained, seeds, config["epochs"], stored_wall_seconds(out))
     meta = {"title": sweep_title(ranking.get("images", 0), config), "device": old_meta.get("device", "?"),
             "command": old_meta.get("command", "?")}
     analysis = SweepOutputs(out, ranking, names, default, config, meta).publish(results, len(trained) * len(seeds))
@@ -417,11 +417,7 @@ def run_sweep(args: SweepOptions) -> dict[str, Any]:
 
     def finished_runs() -> list[dict[str, Any]]:
         """Every finished run on disk: other shards' too, when nodes share ``out``."""
-        runs = collect_finished(out, ordered, seeds, args.epochs)
-        for run in runs:
-            if (run["aug"], run["seed"]) in wall_seconds_of:
-                run["wall_seconds"] = wall_seconds_of[run["aug"], run["seed"]]
-        return runs
+        return collect_finished(out, ordered, seeds, args.epochs, wall_seconds_of)
 
     results = finished_runs()
     finished = {(r["aug"], r["seed"]) for r in results}
