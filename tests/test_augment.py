@@ -22,9 +22,9 @@ RANGES = {
 }
 
 
-def images(n: int = 48, seed: int = 0) -> torch.Tensor:
+def images(n: int = 48, seed: int = 0, size: tuple[int, int] = (32, 32)) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    batch = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+    batch = torch.randint(0, 256, (n, 3, *size), dtype=torch.uint8, generator=g)
     batch[: n // 2] = (batch[: n // 2] * 0.3 + 60).to(torch.uint8)  # low contrast: autocontrast acts
     return batch
 
@@ -46,6 +46,26 @@ def test_batched_op_equals_torchvision_per_image(op: str, interpolation: str) ->
         value = int(magnitude[i]) if op == "Posterize" else float(magnitude[i])
         expected = reference._apply_image_or_video_transform(batch[i], op, value, interpolation, reference._fill)
         assert torch.equal(ours[i], expected), f"{op} differs from torchvision on image {i}"
+
+
+@pytest.mark.parametrize("size", [(24, 40), (40, 24)])
+@pytest.mark.parametrize("interpolation", ["nearest", "bilinear"])
+@pytest.mark.parametrize("op", ["ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"])
+def test_geometric_op_equals_torchvision_on_non_square_images(op: str, interpolation: str,
+                                                              size: tuple[int, int]) -> None:
+    """The warps normalize x by the width and y by the height: a swap would pass on 32x32 images only."""
+    batch = images(n=24, size=size)
+    low, high = RANGES[op]
+    magnitude = torch.rand(len(batch), generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    magnitude = magnitude * (high - low) + low
+    if op == "Rotate":
+        magnitude[:4] = torch.tensor([90.0, -90.0, 180.0, 270.0])  # rot90's fast path is square-only
+    ours = BATCH_OPS[op](batch, magnitude, interpolation)
+    reference = v2.TrivialAugmentWide()
+    for i in range(len(batch)):
+        expected = reference._apply_image_or_video_transform(batch[i], op, float(magnitude[i]), interpolation,
+                                                             reference._fill)
+        assert torch.equal(ours[i], expected), f"{op} differs from torchvision on {size} image {i}"
 
 
 @pytest.mark.parametrize("policy", ["autoaugment-cifar10", "trivialaugment", "augmix"])
