@@ -26,7 +26,7 @@ from daqkd.quant import (
 )
 from daqkd.quant.base import make_quantizer
 from daqkd.quant.ewgs import EWGSQuantize, EWGSQuantizer
-from daqkd.quant.functional import mse_clip
+from daqkd.quant.functional import mse_clip, pass_between
 from daqkd.quant.lsq import LSQQuantizer
 from daqkd.quant.pact import PACTActivationQuantizer
 
@@ -194,6 +194,25 @@ def test_ewgs_signed_inputs_keep_their_zero_point() -> None:
     assert bool(q.signed)
     assert out[200].abs().item() < 0.01  # x = 0
     assert (out - x).abs().max().item() < 0.01
+
+
+@pytest.mark.parametrize("flush_denormal", [False, True])
+@pytest.mark.parametrize("low, high", [(0.0, 1.0), (-0.75, 0.5)])
+def test_clip_gradient_passes_on_both_bounds(low: float, high: float, flush_denormal: bool) -> None:
+    """The CPU path (hardtanh_backward, exclusive bounds moved one float out) equals the mask
+    low <= x <= high, bounds included, also where the CPU flushes denormals: the float below 0 is
+    one."""
+    tiny = torch.finfo(torch.float32).tiny
+    x = torch.tensor([low - 1e-3, low, low + 1e-7, 0.0, -tiny, tiny, high - 1e-7, high, high + 1e-3])
+    grad = torch.arange(1.0, len(x) + 1)
+    expected = grad.where((x >= low) & (x <= high), 0)
+    if flush_denormal and not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        got = pass_between(grad, x, low, high)
+    finally:
+        torch.set_flush_denormal(False)
+    assert torch.equal(got, expected), (got, expected)
 
 
 def test_mse_clip() -> None:

@@ -105,9 +105,19 @@ def mse_clip(x: torch.Tensor, bits: int, signed: bool, dims: tuple[int, ...] | N
 
 def _cpu_bound(value: torch.Tensor | float, dtype: torch.dtype, toward: float) -> float:
     """The float next to ``value`` in ``dtype``, toward ``toward``: turns the exclusive bounds of
-    hardtanh_backward into inclusive ones."""
+    hardtanh_backward into inclusive ones.
+
+    Next to 0 lies a subnormal (-1.4e-45 in float32), which a CPU flushing denormals
+    (``torch.set_flush_denormal(True)``) computes as 0 and compares as 0, so the bound 0 would turn
+    exclusive again: the smallest normal float stands in, and only x strictly between it and 0
+    (subnormal themselves) pass where the exact rule would not.
+    """
     value = torch.as_tensor(value, dtype=dtype)
-    return float(torch.nextafter(value, torch.tensor(toward, dtype=dtype)))
+    bound = float(torch.nextafter(value, torch.tensor(toward, dtype=dtype)))
+    tiny = torch.finfo(dtype).tiny
+    if abs(bound) < tiny:
+        return math.copysign(tiny, toward)
+    return bound
 
 
 def pass_between(
