@@ -214,6 +214,7 @@ def test_damaged_metadata_gives_one_line(metadata: str, message: str, tmp_path: 
     assert main(["eval", str(tmp_path / "m.safetensors"), "--data", str(tiny_folder)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+    assert any(fix in err[0] for fix in ("retrain", "upgrade daqkd")), err  # the line names the fix
 
 
 def test_torn_last_metrics_line_is_an_unfinished_epoch(tmp_path: Path) -> None:

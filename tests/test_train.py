@@ -558,6 +558,7 @@ def test_resume_removes_partial_files_of_a_killed_write(tmp_path: Path, tiny_fol
 @pytest.mark.parametrize("change,message", [
     ("another optimizer", "does not fit this run"), ("another parameter group", "does not fit this run"),
     ("another model", "does not fit this run"), ("a newer format", "written by a newer daqkd (format 99"),
+    ("a damaged format", "damaged daqkd metadata (format is 'two'"),
 ])
 def test_a_state_of_another_layout_is_one_line(change: str, message: str, tmp_path: Path, tiny_folder: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
@@ -575,6 +576,8 @@ def test_a_state_of_another_layout_is_one_line(change: str, message: str, tmp_pa
         groups.append({**groups[0], "params": []})
     elif change == "another model":
         state["model"].pop(next(iter(state["model"])))
+    elif change == "a damaged format":
+        state["format"] = "two"
     else:
         assert state["format"] == 2
         state["format"] = 99
@@ -584,7 +587,7 @@ def test_a_state_of_another_layout_is_one_line(change: str, message: str, tmp_pa
     assert main(["teacher", "--resume", "--out", str(run), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and err.startswith("daqkd: error:") and message in err, err
-    assert ("start a new run directory" if message == "does not fit this run" else "upgrade daqkd") in err
+    assert ("upgrade daqkd" if change == "a newer format" else "start a new run directory") in err
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
 
 

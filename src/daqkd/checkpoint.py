@@ -44,10 +44,9 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         try:
             meta = json.loads(raw)
         except ValueError as exc:
-            raise DaqkdError(f"{path} has damaged daqkd metadata (not JSON: {exc}): use another checkpoint of "
-                             "the run (last.safetensors) or retrain it") from exc
+            raise damaged_metadata(path, f"not JSON: {exc}") from exc
         if not isinstance(meta, dict):
-            raise DaqkdError(f"{path} has damaged daqkd metadata (a {type(meta).__name__}, not an object)")
+            raise damaged_metadata(path, f"a {type(meta).__name__}, not an object")
         return state, meta
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -78,11 +77,22 @@ def save_checkpoint(path: str | Path, model: nn.Module, metadata: dict[str, Any]
             raise write_failed(path, exc) from exc
 
 
-def check_format(path: str | Path, version: Any, quant: dict[str, Any] | None) -> None:
+CHECKPOINT_REMEDY = "use another checkpoint of the run (last.safetensors) or retrain it"
+RESUME_STATE_REMEDY = "start a new run directory"
+
+
+def damaged_metadata(path: str | Path, what: str, remedy: str = CHECKPOINT_REMEDY) -> DaqkdError:
+    """The one error line for a daqkd file whose metadata cannot be what daqkd wrote."""
+    return DaqkdError(f"{path} has damaged daqkd metadata ({what}): {remedy}")
+
+
+def check_format(path: str | Path, version: Any, quant: dict[str, Any] | None,
+                 remedy: str = CHECKPOINT_REMEDY) -> None:
     """One error line for a checkpoint or resume state (format ``version``, quantization ``quant`` as
-    a QuantConfig dict or None) that this daqkd would load as another model than it was trained as."""
+    a QuantConfig dict or None) that this daqkd would load as another model than it was trained as;
+    ``remedy`` ends the line for a damaged format entry."""
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise DaqkdError(f"{path} has damaged daqkd metadata: format is {version!r}, not a positive integer")
+        raise damaged_metadata(path, f"format is {version!r}, not a positive integer", remedy)
     if version > FORMAT_VERSION:
         raise DaqkdError(f"{path} was written by a newer daqkd (format {version}; this one reads up to "
                          f"{FORMAT_VERSION}): upgrade daqkd")

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import check_format, read_checkpoint, resolve_checkpoint
+from .checkpoint import check_format, damaged_metadata, read_checkpoint, resolve_checkpoint
 from .errors import DaqkdError
 
 
@@ -151,17 +151,17 @@ def check_metadata(file: Path, meta: dict[str, Any]) -> None:
     from .quant import QuantConfig
 
     if not isinstance(meta.get("arch"), str) or not isinstance(meta.get("normalize"), str):
-        raise DaqkdError(f"{file} has damaged daqkd metadata: arch and normalize must be strings")
+        raise damaged_metadata(file, "arch and normalize must be strings")
     count = meta.get("num_classes")
     if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
-        raise DaqkdError(f"{file} has damaged daqkd metadata: num_classes is {count!r}, not a positive integer")
+        raise damaged_metadata(file, f"num_classes is {count!r}, not a positive integer")
     classes = meta.get("classes")
     if classes is not None and (not isinstance(classes, list) or not all(isinstance(c, str) for c in classes)):
-        raise DaqkdError(f"{file} has damaged daqkd metadata: classes must be a list of names")
+        raise damaged_metadata(file, "classes must be a list of names")
     quant = meta.get("quant")
     if quant is not None:
         if not isinstance(quant, dict):
-            raise DaqkdError(f"{file} has damaged daqkd metadata: quant is a {type(quant).__name__}, not an object")
+            raise damaged_metadata(file, f"quant is a {type(quant).__name__}, not an object")
         unknown = sorted(set(quant) - {f.name for f in fields(QuantConfig)})
         if unknown:
             raise DaqkdError(f"{file} has a quantization setting this daqkd does not know ({', '.join(unknown)}): "

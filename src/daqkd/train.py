@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .augment import Candidate
-from .checkpoint import FORMAT_VERSION, check_format, save_checkpoint, write_failed
+from .checkpoint import FORMAT_VERSION, RESUME_STATE_REMEDY, check_format, save_checkpoint, write_failed
 from .data import ImageSet
 from .distill import DistillLoss, DistillTask
 from .errors import DaqkdError
@@ -378,8 +378,9 @@ class Trainer:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise DaqkdError(f"cannot read {path} ({type(exc).__name__}): the run's state is damaged; "
-                             "start a new run directory") from exc
-        check_format(path, state.get("format", 1) if isinstance(state, dict) else 1, self.metadata.get("quant"))
+                             + RESUME_STATE_REMEDY) from exc
+        check_format(path, state.get("format", 1) if isinstance(state, dict) else 1, self.metadata.get("quant"),
+                     RESUME_STATE_REMEDY)
         try:
             self.load_state_dict(state)
         except (KeyError, ValueError, RuntimeError, TypeError) as exc:  # another layout: other keys, groups, sizes
