@@ -278,6 +278,9 @@ def test_quantize_model_policies_and_shapes() -> None:
     ({"a_bits": 9}, "--a-bits must be"),
     ({"a_bits": 2.5}, "--a-bits must be"),
     ({"first_last": 16}, "first_last must be"),
+    ({"ewgs_hessian_probes": 0}, "--ewgs-hessian-probes must be a positive integer, got 0"),
+    ({"ewgs_hessian_batches": 1.5}, "--ewgs-hessian-batches must be a positive integer"),
+    ({"ewgs_delta_every": True}, "--ewgs-delta-every must be a positive integer"),
 ])
 def test_bad_config_gives_one_clear_line(bad: dict, message: str) -> None:
     with pytest.raises(DaqkdError, match=message) as info:

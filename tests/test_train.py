@@ -433,20 +433,34 @@ def test_feature_kd_trains_from_the_command_line(kd: str, tmp_path: Path, tiny_f
     assert "has no module 'layer9'" in capsys.readouterr().err
 
 
-def test_quantizer_epoch_hooks_run_without_the_loop_knowing_the_method(tmp_path: Path, tiny_folder: Path) -> None:
+def test_quantizer_epoch_hooks_run_without_the_loop_knowing_the_method(tmp_path: Path, tiny_folder: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """EWGS's Hessian delta arrives through Quantizer.on_epoch_start, called at every epoch's start,
     and is estimated at epochs k, 2k, ... (the authors' schedule: it stays at its start value before)."""
+    from daqkd.quant import ewgs
     from daqkd.quant.ewgs import EWGSQuantizer
 
-    calls = []
+    calls, sampled, probes = [], [], []
     original = EWGSQuantizer.on_epoch_start.__func__
+    update = ewgs.update_ewgs_delta
 
     def spy(cls, model, epoch, sample_batches):
-        original(cls, model, epoch, sample_batches)
+        def recorded(count):
+            batches = sample_batches(count)
+            sampled.append((epoch, count, [len(x) for x, _ in batches]))
+            return batches
+
+        original(cls, model, epoch, recorded)
         calls.append((epoch, min(float(m.delta) for m in model.modules() if isinstance(m, EWGSQuantizer))))
 
+    def update_spy(*args, **kwargs):
+        probes.append(kwargs["probes"])
+        return update(*args, **kwargs)
+
+    monkeypatch.setattr(ewgs, "update_ewgs_delta", update_spy)
     train = load_image_folder(tiny_folder, "train")
-    net = quantize_model(create_model("resnet20", 3), QuantConfig("ewgs", 4, 4, ewgs_delta=None, ewgs_delta_every=2))
+    net = quantize_model(create_model("resnet20", 3), QuantConfig("ewgs", 4, 4, ewgs_delta=None, ewgs_delta_every=2,
+                                                                  ewgs_hessian_batches=2, ewgs_hessian_probes=3))
     model = NormalizedModel(net, parse_normalization("cifar10"))
     config = TrainConfig(epochs=3, batch_size=12, aug="none", optimizer="adam", lr=1e-4)
     trainer = Trainer(model, create_loss("none"), train, train, config, tmp_path / "run", torch.device("cpu"),
@@ -460,6 +474,8 @@ def test_quantizer_epoch_hooks_run_without_the_loop_knowing_the_method(tmp_path:
     finally:
         EWGSQuantizer.on_epoch_start = classmethod(original)
     assert calls[:2] == [(0, -1.0), (1, -1.0)] and calls[2][0] == 2 and calls[2][1] >= 0
+    # the configured sample: 2 whole training batches of 12 and 3 probes, at epoch 2 only
+    assert sampled == [(2, 2, [12, 12])] and probes == [3]
     deltas = [float(m.delta) for m in net.modules() if isinstance(m, EWGSQuantizer)]
     assert len(deltas) == 2 * 18 and all(d >= 0 for d in deltas)  # every delta recomputed
 
@@ -534,11 +550,18 @@ def test_ctrl_c_prints_one_line_and_resume_alone_finishes_the_run(tmp_path: Path
     assert all(torch.equal(whole[k], cut[k]) for k in whole)
 
 
-def test_bad_ewgs_delta_is_one_line(tmp_path: Path, tiny_folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["train", "--data", str(tiny_folder), "--teacher", str(tmp_path / "t"), "--ewgs-delta", "abc",
+@pytest.mark.parametrize("option,value,message", [
+    ("--ewgs-delta", "abc", "--ewgs-delta must be a number or 'hessian', got 'abc'"),
+    ("--ewgs-hessian-probes", "0", "--ewgs-hessian-probes must be a positive integer, got 0"),
+    ("--ewgs-hessian-batches", "-2", "--ewgs-hessian-batches must be a positive integer, got -2"),
+    ("--ewgs-delta-every", "0", "--ewgs-delta-every must be a positive integer, got 0"),
+])
+def test_bad_ewgs_option_is_one_line(option: str, value: str, message: str, tmp_path: Path, tiny_folder: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--data", str(tiny_folder), "--teacher", str(tmp_path / "t"), option, value,
                  "--out", str(tmp_path / "s")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--ewgs-delta must be a number or 'hessian', got 'abc'" in err[0], err
+    assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "s").exists()
 
 

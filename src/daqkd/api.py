@@ -175,10 +175,12 @@ class StudentOptions(TrainOptions):
 
     The student (``arch``, default the teacher's, starting from its weights; else ``init``) is
     quantized by ``method`` at ``w_bits``/``a_bits`` (``first_last``: fp, same or a bit width;
-    ``ewgs_delta``: a number or "hessian") and distilled with loss ``kd`` (CE weight ``gamma``, KD
-    weight ``alpha``, ``temperature``; feature losses: weight ``beta``, comma-separated module names
-    ``kd_layers``). ``aug`` "auto" ranks ``augs`` with the teacher and trains with
-    the top one. Published teacher weights need ``normalize`` and ``teacher_arch`` (default ``arch``).
+    ``ewgs_delta``: a number or "hessian", re-estimated every ``ewgs_delta_every`` epochs from
+    ``ewgs_hessian_batches`` batches with ``ewgs_hessian_probes`` probes each) and distilled with
+    loss ``kd`` (CE weight ``gamma``, KD weight ``alpha``, ``temperature``; feature losses: weight
+    ``beta``, comma-separated module names ``kd_layers``). ``aug`` "auto" ranks ``augs`` with the
+    teacher and trains with the top one. Published teacher weights need ``normalize`` and
+    ``teacher_arch`` (default ``arch``).
     """
 
     teacher: str | None = None
@@ -192,6 +194,9 @@ class StudentOptions(TrainOptions):
     per_channel: bool = False
     first_last: str = "fp"
     ewgs_delta: str = "hessian"
+    ewgs_delta_every: int = 10
+    ewgs_hessian_batches: int = 3
+    ewgs_hessian_probes: int = 4
     kd: str = "kd"
     gamma: float = 1.0
     alpha: float = 2.0
@@ -216,7 +221,9 @@ class StudentOptions(TrainOptions):
         if first_last not in ("fp", "same"):
             first_last = check_bits("--first-last", int(first_last) if str(first_last).isdigit() else first_last)
         quant = QuantConfig(method=self.method, w_bits=self.w_bits, a_bits=self.a_bits, per_channel=self.per_channel,
-                            first_last=first_last, ewgs_delta=delta)
+                            first_last=first_last, ewgs_delta=delta, ewgs_delta_every=self.ewgs_delta_every,
+                            ewgs_hessian_batches=self.ewgs_hessian_batches,
+                            ewgs_hessian_probes=self.ewgs_hessian_probes)
         quant.validate()
         return quant
 

@@ -557,17 +557,18 @@ class Trainer:
 
     def _epoch_hooks(self, order: torch.Tensor) -> None:
         """Each quantizer class's ``on_epoch_start`` (EWGS's Hessian delta), at an epoch's start; the
-        batches it may ask for are the epoch's first ones, up to 64 images each."""
+        batches it may ask for are the epoch's first ones (global batches, the same on every process,
+        augmented with their own seeds)."""
         from .quant import Quantizer
 
         if self.step_in_epoch:
             return
         classes = {type(m): None for m in self.model.modules() if isinstance(m, Quantizer)}
 
-        def sample_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+        def sample_batches(count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
             batches = []
-            for b in range(min(2, self.steps_per_epoch)):
-                idx = order[b * self.config.batch_size:(b + 1) * self.config.batch_size][:64]
+            for b in range(min(count, self.steps_per_epoch)):
+                idx = order[b * self.config.batch_size:(b + 1) * self.config.batch_size]
                 generator = torch.Generator().manual_seed(mix_seed(self.config.seed, self.epoch, b))
                 batches.append(self._batch(idx, generator))
             return batches

@@ -46,6 +46,14 @@ def add_student_args(s: argparse.ArgumentParser, resume: bool = True) -> None:
     s.add_argument("--ewgs-delta", default="hessian",
                    help="EWGS's gradient-scaling delta: 'hessian' (the paper's and authors' code: 0 for 10 epochs, "
                         "then from the Hessian every 10 epochs), or a fixed number (0: straight-through)")
+    s.add_argument("--ewgs-delta-every", type=int, default=10, metavar="EPOCHS",
+                   help="epochs between Hessian estimates of EWGS's delta (the authors' update_every; "
+                        "default %(default)s)")
+    s.add_argument("--ewgs-hessian-batches", type=int, default=3, metavar="N",
+                   help="training batches per Hessian estimate (the authors' 3; default %(default)s)")
+    s.add_argument("--ewgs-hessian-probes", type=int, default=4, metavar="N",
+                   help="Hutchinson probes per batch, shared by all layers (default %(default)s; "
+                        "benchmarks/RESULTS.md measures the noise)")
     s.add_argument("--kd", default="kd", choices=sorted(LOSSES), help="distillation loss (default %(default)s)")
     s.add_argument("--gamma", type=float, default=1.0, help="CE weight")
     s.add_argument("--alpha", type=float, default=2.0, help="KD weight")

@@ -47,6 +47,8 @@ class QuantConfig:
     ewgs_init: str = "paper"
     pact_alpha: float = 10.0
     ewgs_delta_every: int = 10  # epochs between Hessian updates of EWGS's delta (when ewgs_delta is None)
+    ewgs_hessian_batches: int = 3  # training batches per Hessian update (the authors' 3)
+    ewgs_hessian_probes: int = 4  # Rademacher probes per batch, shared by all layers (ewgs.update_ewgs_delta)
 
     def validate(self) -> None:
         if self.method not in QUANTIZERS:
@@ -59,6 +61,10 @@ class QuantConfig:
             raise DaqkdError(f"unknown EWGS initialization {self.ewgs_init!r}: use paper or mse")
         if self.ewgs_delta is not None and self.ewgs_delta < 0:
             raise DaqkdError(f"--ewgs-delta must be >= 0 (or 'hessian'), got {self.ewgs_delta}")
+        for name in ("ewgs_delta_every", "ewgs_hessian_batches", "ewgs_hessian_probes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise DaqkdError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
 
 
 def check_bits(name: str, bits: object) -> int:
@@ -158,10 +164,10 @@ class Quantizer(nn.Module):
 
     @classmethod
     def on_epoch_start(cls, model: nn.Module, epoch: int,
-                       sample_batches: Callable[[], list[tuple[torch.Tensor, torch.Tensor]]]) -> None:
+                       sample_batches: Callable[[int], list[tuple[torch.Tensor, torch.Tensor]]]) -> None:
         """Called once per epoch (before its first step) for each quantizer class in the model, with
-        the 0-based epoch and a function that draws a few training batches (x, targets) on demand;
-        EWGS updates its Hessian delta here."""
+        the 0-based epoch and a function that returns up to n training batches (x, targets) of the
+        run's batch size on demand; EWGS updates its Hessian delta here."""
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -102,7 +102,8 @@ class EWGSQuantizer(Quantizer):
     """Learnable interval [lower, upper]; weights also carry the layer's output scale."""
 
     def __init__(self, bits: int, is_weight: bool, channels: int | None = None, delta: float | None = 0.0,
-                 init: str = "paper", delta_every: int = 10, values: bool = False) -> None:
+                 init: str = "paper", delta_every: int = 10, values: bool = False,
+                 hessian_batches: int = 3, hessian_probes: int = 4) -> None:
         super().__init__(bits, is_weight, channels)
         self.init = init
         # unsigned activations give q in [0, 1] and leave the scale (u - l) to the weight quantizer's
@@ -110,6 +111,7 @@ class EWGSQuantizer(Quantizer):
         self.values = values and not is_weight
         self.calibrates_output = is_weight
         self.delta_every = max(1, delta_every)
+        self.hessian_batches, self.hessian_probes = hessian_batches, hessian_probes
         shape = channels if channels else ()
         self.lower = nn.Parameter(torch.zeros(shape))
         self.upper = nn.Parameter(torch.ones(shape))
@@ -174,11 +176,12 @@ class EWGSQuantizer(Quantizer):
     def on_epoch_start(cls, model: nn.Module, epoch: int,
                        sample_batches: Callable[[], list[tuple[torch.Tensor, torch.Tensor]]]) -> None:
         """The Hessian-based delta at the start of epochs ``delta_every``, 2 ``delta_every``, ... (0
-        before, as the authors' schedule), from a few batches and the label CE (the KD term would need
-        the teacher per batch)."""
+        before, as the authors' schedule), from the epoch's first ``hessian_batches`` training batches
+        and the label CE (the KD term would need the teacher per batch)."""
         hessian = [m for m in model.modules() if isinstance(m, cls) and m.hessian_delta]
         if hessian and epoch > 0 and epoch % hessian[0].delta_every == 0:
-            update_ewgs_delta(model, _cross_entropy, sample_batches())
+            update_ewgs_delta(model, _cross_entropy, sample_batches(hessian[0].hessian_batches),
+                              probes=hessian[0].hessian_probes)
 
 
 def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -189,7 +192,8 @@ def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 @register_quantizer("ewgs")
 def ewgs(bits: int, is_weight: bool, channels: int | None, config: QuantConfig) -> Quantizer:
     return EWGSQuantizer(bits, is_weight, channels, config.ewgs_delta, config.ewgs_init, config.ewgs_delta_every,
-                         values=config.w_bits == FP_BITS)
+                         values=config.w_bits == FP_BITS, hessian_batches=config.ewgs_hessian_batches,
+                         hessian_probes=config.ewgs_hessian_probes)
 
 
 def hessian_delta_estimates(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -227,10 +231,13 @@ def update_ewgs_delta(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.T
                       batches: Iterable[tuple[torch.Tensor, torch.Tensor]], probes: int = 1) -> dict[str, float]:
     """Set delta of every Hessian-driven EWGS quantizer to max(0, the mean over ``batches`` of
     :func:`hessian_delta_estimates`): averaged, then clipped, as the EWGS authors' update_grad_scales
-    does (clipping each batch first would bias delta upward). They take 3 training batches and up to
-    50 probes each; the trainer passes 2 batches of 64 images and 1 probe, an unbiased but noisier
-    estimate of the same figure at a cost a CPU can pay every ``delta_every`` epochs. Returns
-    {module name: delta}."""
+    does (clipping each batch first would bias delta upward). They take 3 training batches and, per
+    layer, up to 50 probes (one Hessian-vector product per layer and probe: ~2.8 h per update for a
+    ResNet-20 on one CPU core); the trainer passes 3 training batches (``hessian_batches``) and
+    ``hessian_probes`` (4) probes shared by all layers, one product per probe, unbiased for the same
+    figure. Measured (benchmarks/ewgs_hessian_noise.py, RESULTS.md): one estimate's error is 0.33 of
+    delta (median over layers) in 43 s per update at batch 256, against 0.89 for the 2 x 64 images x
+    1 probe used before 2026-12-06. Returns {module name: delta}."""
     quantizers = {n: m for n, m in model.named_modules() if isinstance(m, EWGSQuantizer) and m.hessian_delta}
     if not quantizers:
         return {}
