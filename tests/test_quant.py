@@ -197,13 +197,14 @@ def test_ewgs_signed_inputs_keep_their_zero_point() -> None:
 
 
 @pytest.mark.parametrize("flush_denormal", [False, True])
-@pytest.mark.parametrize("low, high", [(0.0, 1.0), (-0.75, 0.5)])
+@pytest.mark.parametrize("low, high", [(0.0, 1.0), (-0.75, 0.5), (-1.0, 0.0), (torch.finfo(torch.float32).tiny, 1.0),
+                                       (-1.0, -torch.finfo(torch.float32).tiny)])
 def test_clip_gradient_passes_on_both_bounds(low: float, high: float, flush_denormal: bool) -> None:
     """The CPU path (hardtanh_backward, exclusive bounds moved one float out) equals the mask
     low <= x <= high, bounds included, also where the CPU flushes denormals: the float below 0 is
     one."""
     tiny = torch.finfo(torch.float32).tiny
-    x = torch.tensor([low - 1e-3, low, low + 1e-7, 0.0, -tiny, tiny, high - 1e-7, high, high + 1e-3])
+    x = torch.tensor([low - 1e-3, low, low + 1e-7, 0.0, -0.0, -tiny, tiny, high - 1e-7, high, high + 1e-3])
     grad = torch.arange(1.0, len(x) + 1)
     expected = grad.where((x >= low) & (x <= high), 0)
     if flush_denormal and not torch.set_flush_denormal(True):

@@ -109,14 +109,16 @@ def _cpu_bound(value: torch.Tensor | float, dtype: torch.dtype, toward: float) -
 
     Next to 0 lies a subnormal (-1.4e-45 in float32), which a CPU flushing denormals
     (``torch.set_flush_denormal(True)``) computes as 0 and compares as 0, so the bound 0 would turn
-    exclusive again: the smallest normal float stands in, and only x strictly between it and 0
-    (subnormal themselves) pass where the exact rule would not.
+    exclusive again. A result between the smallest normal floats becomes the normal one beyond 0 when
+    the bound is 0 or on that side (0 stays inside), else 0 (0 stays outside): only subnormal x pass
+    or stop where the exact rule would not.
     """
     value = torch.as_tensor(value, dtype=dtype)
     bound = float(torch.nextafter(value, torch.tensor(toward, dtype=dtype)))
     tiny = torch.finfo(dtype).tiny
     if abs(bound) < tiny:
-        return math.copysign(tiny, toward)
+        exact = float(value)
+        return math.copysign(tiny, toward) if exact == 0 or (exact > 0) == (toward > 0) else 0.0
     return bound
 
 
