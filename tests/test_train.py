@@ -440,14 +440,15 @@ def test_quantizer_epoch_hooks_run_without_the_loop_knowing_the_method(tmp_path:
     from daqkd.quant import ewgs
     from daqkd.quant.ewgs import EWGSQuantizer
 
-    calls, sampled, probes = [], [], []
+    calls, sampled, probes, cut = [], [], [], []
     original = EWGSQuantizer.on_epoch_start.__func__
     update = ewgs.update_ewgs_delta
 
     def spy(cls, model, epoch, sample_batches):
-        def recorded(count):
-            batches = sample_batches(count)
+        def recorded(count, max_images):
+            batches = sample_batches(count, max_images)
             sampled.append((epoch, count, [len(x) for x, _ in batches]))
+            cut.extend(len(x) for x, _ in sample_batches(1, 5))  # the cap applies
             return batches
 
         original(cls, model, epoch, recorded)
@@ -475,7 +476,7 @@ def test_quantizer_epoch_hooks_run_without_the_loop_knowing_the_method(tmp_path:
         EWGSQuantizer.on_epoch_start = classmethod(original)
     assert calls[:2] == [(0, -1.0), (1, -1.0)] and calls[2][0] == 2 and calls[2][1] >= 0
     # the configured sample: 2 whole training batches of 12 and 3 probes, at epoch 2 only
-    assert sampled == [(2, 2, [12, 12])] and probes == [3]
+    assert sampled == [(2, 2, [12, 12])] and probes == [3] and cut == [5]
     deltas = [float(m.delta) for m in net.modules() if isinstance(m, EWGSQuantizer)]
     assert len(deltas) == 2 * 18 and all(d >= 0 for d in deltas)  # every delta recomputed
 

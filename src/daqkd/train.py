@@ -565,10 +565,10 @@ class Trainer:
             return
         classes = {type(m): None for m in self.model.modules() if isinstance(m, Quantizer)}
 
-        def sample_batches(count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        def sample_batches(count: int, max_images: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
             batches = []
             for b in range(min(count, self.steps_per_epoch)):
-                idx = order[b * self.config.batch_size:(b + 1) * self.config.batch_size]
+                idx = order[b * self.config.batch_size:(b + 1) * self.config.batch_size][:max_images]
                 generator = torch.Generator().manual_seed(mix_seed(self.config.seed, self.epoch, b))
                 batches.append(self._batch(idx, generator))
             return batches

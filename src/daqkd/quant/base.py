@@ -164,10 +164,11 @@ class Quantizer(nn.Module):
 
     @classmethod
     def on_epoch_start(cls, model: nn.Module, epoch: int,
-                       sample_batches: Callable[[int], list[tuple[torch.Tensor, torch.Tensor]]]) -> None:
+                       sample_batches: Callable[[int, int], list[tuple[torch.Tensor, torch.Tensor]]]) -> None:
         """Called once per epoch (before its first step) for each quantizer class in the model, with
-        the 0-based epoch and a function that returns up to n training batches (x, targets) of the
-        run's batch size on demand; EWGS updates its Hessian delta here."""
+        the 0-based epoch and a function ``sample_batches(n, max_images)`` that returns up to n
+        training batches (x, targets) of the run's batch size, each cut to ``max_images``, on demand;
+        EWGS updates its Hessian delta here."""
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -177,11 +177,17 @@ class EWGSQuantizer(Quantizer):
                        sample_batches: Callable[[], list[tuple[torch.Tensor, torch.Tensor]]]) -> None:
         """The Hessian-based delta at the start of epochs ``delta_every``, 2 ``delta_every``, ... (0
         before, as the authors' schedule), from the epoch's first ``hessian_batches`` training batches
-        and the label CE (the KD term would need the teacher per batch)."""
+        (each cut to HESSIAN_MAX_IMAGES) and the label CE (the KD term would need the teacher per batch)."""
         hessian = [m for m in model.modules() if isinstance(m, cls) and m.hessian_delta]
         if hessian and epoch > 0 and epoch % hessian[0].delta_every == 0:
-            update_ewgs_delta(model, _cross_entropy, sample_batches(hessian[0].hessian_batches),
+            update_ewgs_delta(model, _cross_entropy, sample_batches(hessian[0].hessian_batches, HESSIAN_MAX_IMAGES),
                               probes=hessian[0].hessian_probes)
+
+
+# Images per Hessian batch, at most: the authors' CIFAR batch. The pass runs in float32 with a
+# second-order graph on the whole global batch on every process, so a large --batch-size (or many
+# processes) would cost several times a training step's memory.
+HESSIAN_MAX_IMAGES = 256
 
 
 def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
