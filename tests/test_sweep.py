@@ -541,3 +541,25 @@ def test_scatter_labels_do_not_overlap_and_stay_inside(points: list[tuple[str, f
     markers = [ax.transData.transform((p[1], p[2])) for p in points]
     assert not any(b.contains(mx, my) for b in boxes for mx, my in markers)  # no label covers a point
     assert all(frame.x0 <= b.x0 and b.x1 <= frame.x1 for b in boxes)
+
+
+def test_ewgs_hessian_sample_counts_only_for_hessian_runs_and_old_runs_are_refused(tmp_path: Path) -> None:
+    """The Hessian sample options matter only to Hessian EWGS students; a Hessian student stored
+    before they existed took another sample (2 x 64 images x 1 probe), which no option reproduces."""
+    from daqkd.api import SweepOptions
+    from daqkd.errors import DaqkdError
+    from daqkd.sweep_runner import check_same_configuration
+
+    def store(name: str, **args) -> None:
+        run = tmp_path / "runs" / name
+        run.mkdir(parents=True)
+        (run / "config.json").write_text(json.dumps({"command": "train", "args": args}))
+
+    store("none-seed0", method="ewgs", ewgs_delta="0", ewgs_hessian_probes=4)
+    check_same_configuration(tmp_path, SweepOptions(ewgs_delta="0", ewgs_hessian_probes=8), None)  # no effect
+    store("a-seed0", method="ewgs", ewgs_delta="hessian", ewgs_hessian_probes=4)
+    with pytest.raises(DaqkdError, match=r"--ewgs-hessian-probes 4 \(now 8\)"):
+        check_same_configuration(tmp_path, SweepOptions(ewgs_delta="hessian", ewgs_hessian_probes=8), None)
+    store("b-seed0", method="ewgs", ewgs_delta="hessian")  # config.json from before the sample options
+    with pytest.raises(DaqkdError, match=r"--ewgs-hessian-probes '2 batches of <= 64 images x 1 probe"):
+        check_same_configuration(tmp_path, SweepOptions(ewgs_delta="hessian"), None)

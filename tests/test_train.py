@@ -911,3 +911,18 @@ def test_attention_transfer_needs_equal_spatial_sizes() -> None:
     features = {"student": {"x": torch.ones(2, 4, 8, 8)}, "teacher": {"x": torch.ones(2, 4, 4, 4)}}
     with pytest.raises(DaqkdError, match=r"x is \(8, 8\) in the student but \(4, 4\) in the teacher"):
         create_loss("at", DistillConfig())(torch.zeros(2, 3), None, torch.tensor([0, 1]), features)
+
+
+def test_resuming_a_hessian_ewgs_run_from_before_the_sample_options_is_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Such a run took 2 x 64 images x 1 probe per delta update; resuming it now would switch to the
+    new sample halfway, so it is refused. A run with a fixed delta is not concerned."""
+    import json
+
+    run = tmp_path / "old"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"command": "train", "args": {
+        "method": "ewgs", "ewgs_delta": "hessian", "out": str(run)}}))
+    assert main(["train", "--resume", "--out", str(run), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "2 batches of <= 64 images x 1 probe" in err[0] and "start a new run" in err[0], err

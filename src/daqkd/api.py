@@ -344,6 +344,9 @@ def prepare_run(options: Options, command: str) -> tuple[Options, Path]:
         if stored_command != command:
             raise DaqkdError(f"{run} is a `daqkd {stored_command}` run: resume it with daqkd {stored_command} "
                              f"--resume --out {run}")
+        if command == "train" and legacy_hessian_sample(stored):
+            raise DaqkdError(f"{run} trains EWGS with the Hessian delta from {LEGACY_HESSIAN_SAMPLE}, which this "
+                             "daqkd no longer runs: finish it with the daqkd it started with, or start a new run")
         names = {f.name for f in fields(options)}
         start = saved.get("cwd") if isinstance(saved.get("cwd"), str) else os.getcwd()
         changed = [name for name in sorted(options.explicit() & names - set(RESUME_KEEPS)) if name in stored
@@ -360,6 +363,22 @@ def prepare_run(options: Options, command: str) -> tuple[Options, Path]:
     elif (run / STATE_FILE).exists():
         raise DaqkdError(f"{run} already holds a run: pass --resume to continue it, or another --out")
     return options, run
+
+
+# EWGS's Hessian sample, stored in config.json since 2026-12-06; a Hessian EWGS run stored without
+# them took 2 batches of at most 64 images and 1 probe, which this daqkd no longer runs.
+HESSIAN_OPTIONS = ("ewgs_delta_every", "ewgs_hessian_batches", "ewgs_hessian_probes")
+LEGACY_HESSIAN_SAMPLE = "2 batches of <= 64 images x 1 probe (before 2026-12-06)"
+
+
+def uses_hessian_delta(stored: dict[str, Any]) -> bool:
+    """Whether stored options train EWGS with the Hessian delta (the only runs the sample changes)."""
+    return stored.get("method", "ewgs") == "ewgs" and stored.get("ewgs_delta", "hessian") == "hessian"
+
+
+def legacy_hessian_sample(stored: dict[str, Any]) -> bool:
+    """A Hessian EWGS run whose config.json predates the configurable sample."""
+    return uses_hessian_delta(stored) and "ewgs_hessian_probes" not in stored
 
 
 def write_run_config(options: Options, run: Path, command: str) -> None:

@@ -26,7 +26,16 @@ from typing import Any
 
 import torch
 
-from .api import StudentOptions, SweepOptions, load_teacher, train_student
+from .api import (
+    HESSIAN_OPTIONS,
+    LEGACY_HESSIAN_SAMPLE,
+    StudentOptions,
+    SweepOptions,
+    legacy_hessian_sample,
+    load_teacher,
+    train_student,
+    uses_hessian_delta,
+)
 from .augment import check_candidate, parse_candidates
 from .data import ImageSet
 from .errors import DaqkdError
@@ -230,7 +239,11 @@ def check_same_configuration(out: Path, args: SweepOptions, stored_sweep: dict[s
             stored, start = saved["args"], saved.get("cwd")
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise DaqkdError(f"{config_file} is unreadable ({exc}): delete that run or use another --out") from exc
+        if legacy_hessian_sample(stored) and uses_hessian_delta(dataclasses.asdict(args)):
+            differences.setdefault("ewgs_hessian_probes", (LEGACY_HESSIAN_SAMPLE, args.ewgs_hessian_probes))
         for name in COMPARED_OPTIONS:
+            if name in HESSIAN_OPTIONS and not uses_hessian_delta(stored):
+                continue  # the sample only matters to Hessian EWGS runs
             current = getattr(args, name, None)
             if name in stored and name not in differences and not same_option(
                     current, stored[name], start if isinstance(start, str) else None, name in PATH_OPTIONS):
