@@ -197,6 +197,8 @@ def test_checkpoints_say_their_format_and_older_ones_load_where_nothing_changed(
     (('{"arch": "resnet20", "normalize": "cifar10", "num_classes": 3, "quant": {"method": "ewgs", "w_bits": 2, '
      '"warp": 1}}'), "does not know (warp)"),
     ('{"arch": "resnet20", "normalize": "cifar10", "num_classes": 3, "format": "2"}', "format is '2'"),
+    (('{"arch": "resnet20", "normalize": "cifar10", "num_classes": 3, "quant": {"method": "ewgs", "w_bits": 2, '
+      '"ewgs_delta": "x"}}'), "damaged daqkd metadata (quant: "),
     ('{"arch": "resnet20", "normalize": "cifar10", "num_classes": 3, "format": 3}', "newer daqkd (format 3"),
     # no format entry: written before 2026-11-29, when W32/A-k EWGS activations returned [0, 1] codes
     (('{"arch": "resnet20", "normalize": "cifar10", "num_classes": 3, "quant": {"method": "ewgs", "w_bits": 32, '

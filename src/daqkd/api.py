@@ -373,7 +373,7 @@ LEGACY_HESSIAN_SAMPLE = "2 batches of <= 64 images x 1 probe (before 2026-12-06)
 
 def uses_hessian_delta(stored: dict[str, Any]) -> bool:
     """Whether stored options train EWGS with the Hessian delta (the only runs the sample changes)."""
-    return stored.get("method", "ewgs") == "ewgs" and stored.get("ewgs_delta", "hessian") == "hessian"
+    return stored.get("method") == "ewgs" and stored.get("ewgs_delta") == "hessian"
 
 
 def legacy_hessian_sample(stored: dict[str, Any]) -> bool:

@@ -137,7 +137,12 @@ def load_model(path: str | Path, *, arch: str | None = None, normalize: str | No
         raise DaqkdError(f"{file} does not say how many classes it has: pass --data with its data set")
     model = create_model(meta["arch"], int(count))
     if meta["quant"]:
-        quantize_model(model, QuantConfig(**meta["quant"]))  # keys checked by check_metadata
+        quant = QuantConfig(**meta["quant"])  # keys checked by check_metadata
+        try:
+            quant.validate()
+        except (TypeError, ValueError) as exc:  # a value no daqkd wrote (e.g. ewgs_delta "x")
+            raise damaged_metadata(file, f"quant: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}") from exc
+        quantize_model(model, quant)
     load_state_dict_strict(model, state, file, meta["arch"])
     norm = parse_normalization(meta["normalize"])
     info = {**meta, "normalize": norm.spec(), "weights": str(file), "foreign": foreign}
