@@ -39,6 +39,7 @@ from .errors import DaqkdError
 from .loading import load_model, load_state_dict_strict, model_size_bytes
 from .models import Normalization, NormalizedModel, create_model, parse_normalization
 from .quant import QuantConfig, check_bits, quantize_model
+from .quant.base import EWGS_HESSIAN_FIELDS
 from .rank import (
     RankConfig,
     compile_pays,
@@ -367,7 +368,7 @@ def prepare_run(options: Options, command: str) -> tuple[Options, Path]:
 
 # EWGS's Hessian sample, stored in config.json since 2026-12-06; a Hessian EWGS run stored without
 # them took 2 batches of at most 64 images and 1 probe, which this daqkd no longer runs.
-HESSIAN_OPTIONS = ("ewgs_delta_every", "ewgs_hessian_batches", "ewgs_hessian_probes")
+HESSIAN_OPTIONS = EWGS_HESSIAN_FIELDS
 LEGACY_HESSIAN_SAMPLE = "2 batches of <= 64 images x 1 probe (before 2026-12-06)"
 
 

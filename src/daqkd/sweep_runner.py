@@ -216,9 +216,8 @@ def run_in_processes(pending: list[StudentOptions], data: tuple[ImageSet, ImageS
 
 # The options that make two students comparable: a sweep refuses to mix runs that differ in any.
 COMPARED_OPTIONS = ("teacher", "teacher_arch", "normalize", "arch", "init", "method", "w_bits", "a_bits",
-                    "per_channel", "first_last", "ewgs_delta", "ewgs_delta_every", "ewgs_hessian_batches",
-                    "ewgs_hessian_probes", "kd", "gamma", "alpha", "temperature", "beta",
-                    "kd_layers", "quant_lr",
+                    "per_channel", "first_last", "ewgs_delta", *HESSIAN_OPTIONS, "kd", "gamma", "alpha",
+                    "temperature", "beta", "kd_layers", "quant_lr",
                     "data", "dataset", "limit_per_class", "train_limit_per_class", "epochs", "batch_size",
                     "optimizer", "lr", "momentum", "weight_decay", "warmup_epochs", "no_amp", "compile")
 PATH_OPTIONS = ("teacher", "init", "data")

@@ -20,6 +20,8 @@ from torch import nn
 from ..errors import DaqkdError
 
 FP_BITS = 32  # "not quantized"
+# QuantConfig's fields for EWGS's Hessian delta: when and from how large a sample it is estimated
+EWGS_HESSIAN_FIELDS = ("ewgs_delta_every", "ewgs_hessian_batches", "ewgs_hessian_probes")
 
 
 @dataclass
@@ -61,7 +63,7 @@ class QuantConfig:
             raise DaqkdError(f"unknown EWGS initialization {self.ewgs_init!r}: use paper or mse")
         if self.ewgs_delta is not None and self.ewgs_delta < 0:
             raise DaqkdError(f"--ewgs-delta must be >= 0 (or 'hessian'), got {self.ewgs_delta}")
-        for name in ("ewgs_delta_every", "ewgs_hessian_batches", "ewgs_hessian_probes"):
+        for name in EWGS_HESSIAN_FIELDS:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise DaqkdError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")

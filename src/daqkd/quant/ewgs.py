@@ -174,7 +174,7 @@ class EWGSQuantizer(Quantizer):
 
     @classmethod
     def on_epoch_start(cls, model: nn.Module, epoch: int,
-                       sample_batches: Callable[[], list[tuple[torch.Tensor, torch.Tensor]]]) -> None:
+                       sample_batches: Callable[[int, int], list[tuple[torch.Tensor, torch.Tensor]]]) -> None:
         """The Hessian-based delta at the start of epochs ``delta_every``, 2 ``delta_every``, ... (0
         before, as the authors' schedule), from the epoch's first ``hessian_batches`` training batches
         (each cut to HESSIAN_MAX_IMAGES) and the label CE (the KD term would need the teacher per batch)."""
