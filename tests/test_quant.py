@@ -289,6 +289,25 @@ def test_bad_config_gives_one_clear_line(bad: dict, message: str) -> None:
     assert "\n" not in str(info.value)
 
 
+def test_numpy_numbers_are_stored_as_python_numbers() -> None:
+    """A notebook's numpy scalars: accepted, and stored so that checkpoint metadata (JSON) can hold them."""
+    import dataclasses
+    import json
+
+    import numpy as np
+
+    config = QuantConfig("ewgs", np.int64(3), np.int32(4), first_last=np.int64(8), ewgs_delta=np.float32(0.5),
+                         ewgs_hessian_probes=np.uint8(2), pact_alpha=np.float16(6))
+    config.validate()
+    assert [type(getattr(config, f)) for f in ("w_bits", "a_bits", "first_last", "ewgs_hessian_probes")] == [int] * 4
+    assert type(config.ewgs_delta) is float and type(config.pact_alpha) is float
+    assert json.loads(json.dumps(dataclasses.asdict(config)))["w_bits"] == 3
+    with pytest.raises(DaqkdError, match="--w-bits must be an integer"):
+        QuantConfig(w_bits=np.bool_(True)).validate()  # a boolean is no bit width, numpy's neither
+    with pytest.raises(DaqkdError, match="--a-bits must be an integer"):
+        QuantConfig(a_bits=np.float64(4.0)).validate()
+
+
 def test_quantizer_state_travels_in_the_state_dict() -> None:
     torch.manual_seed(0)
     config = QuantConfig("lsq", 3, 3, per_channel=True)

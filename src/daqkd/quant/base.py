@@ -9,6 +9,7 @@ know which layers follow a ReLU.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +52,18 @@ class QuantConfig:
     ewgs_delta_every: int = 10  # epochs between Hessian updates of EWGS's delta (when ewgs_delta is None)
     ewgs_hessian_batches: int = 3  # training batches per Hessian update (the authors' 3)
     ewgs_hessian_probes: int = 4  # Rademacher probes per batch, shared by all layers (ewgs.update_ewgs_delta)
+
+    def __post_init__(self) -> None:
+        # numpy scalars (a notebook's np.arange, a pandas row) would fail json.dumps into checkpoint
+        # metadata after the first epoch: store them as Python numbers; validate() checks the rest
+        for name in ("w_bits", "a_bits", "first_last", *EWGS_HESSIAN_FIELDS):
+            value = getattr(self, name)
+            if isinstance(value, numbers.Integral) and not isinstance(value, (bool, int)):
+                setattr(self, name, int(value))
+        for name in ("ewgs_delta", "pact_alpha"):
+            value = getattr(self, name)
+            if isinstance(value, numbers.Real) and not isinstance(value, (bool, float, int)):
+                setattr(self, name, float(value))
 
     def validate(self) -> None:
         if self.method not in QUANTIZERS:
