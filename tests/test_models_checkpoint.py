@@ -199,6 +199,11 @@ def test_checkpoints_say_their_format_and_older_ones_load_where_nothing_changed(
     ('{"arch": "resnet20", "normalize": "cifar10", "num_classes": 3, "format": "2"}', "format is '2'"),
     (('{"arch": "resnet20", "normalize": "cifar10", "num_classes": 3, "quant": {"method": "ewgs", "w_bits": 2, '
       '"ewgs_delta": "x"}}'), "damaged daqkd metadata (quant: "),
+    # validate()'s lines name CLI flags; in a file they name the stored field
+    (('{"arch": "resnet20", "normalize": "cifar10", "num_classes": 3, "quant": {"method": "ewgs", "w_bits": 9}}'),
+     "damaged daqkd metadata (quant: w_bits must be an integer from 1 to 8"),
+    (('{"arch": "resnet20", "normalize": "cifar10", "num_classes": 3, "quant": {"method": "ewgs", '
+      '"ewgs_hessian_probes": 0}}'), "damaged daqkd metadata (quant: ewgs_hessian_probes must be a positive"),
     ('{"arch": "resnet20", "normalize": "cifar10", "num_classes": 3, "format": 3}', "newer daqkd (format 3"),
     # no format entry: written before 2026-11-29, when W32/A-k EWGS activations returned [0, 1] codes
     (('{"arch": "resnet20", "normalize": "cifar10", "num_classes": 3, "quant": {"method": "ewgs", "w_bits": 32, '

@@ -3,6 +3,7 @@ quantized and loaded strictly, as a model that takes uint8 images."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +141,8 @@ def load_model(path: str | Path, *, arch: str | None = None, normalize: str | No
         quant = QuantConfig(**meta["quant"])  # keys checked by check_metadata
         try:
             quant.validate()
+        except DaqkdError as exc:  # validate's lines name CLI flags, which this file's reader did not pass
+            raise damaged_metadata(file, f"quant: {flag_as_field(str(exc))}") from exc
         except (TypeError, ValueError) as exc:  # a value no daqkd wrote (e.g. ewgs_delta "x")
             raise damaged_metadata(file, f"quant: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}") from exc
         quantize_model(model, quant)
@@ -147,6 +150,12 @@ def load_model(path: str | Path, *, arch: str | None = None, normalize: str | No
     norm = parse_normalization(meta["normalize"])
     info = {**meta, "normalize": norm.spec(), "weights": str(file), "foreign": foreign}
     return NormalizedModel(model, norm), info
+
+
+def flag_as_field(message: str) -> str:
+    """QuantConfig.validate's line about a CLI flag ("--w-bits must be ...") as one about the stored
+    field ("w_bits must be ..."), for errors in a file's metadata."""
+    return re.sub(r"--([a-z][a-z0-9-]*)", lambda m: m.group(1).replace("-", "_"), message)
 
 
 def check_metadata(file: Path, meta: dict[str, Any]) -> None:
