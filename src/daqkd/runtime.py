@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -163,11 +165,12 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     torch's ``nn.SyncBatchNorm`` does this with fused CUDA kernels but refuses CPU tensors, where CI
     runs and where daqkd must behave as on a GPU; this is the same computation in plain torch ops
     (:class:`_GlobalBatchNormFunction`). The running variance takes the unbiased N / (N - 1) var, as
-    nn.BatchNorm2d. Outside training mode, or with one process, it is nn.BatchNorm2d.
+    nn.BatchNorm2d. Outside training mode, with one process or inside :func:`replicated_batches`, it is
+    nn.BatchNorm2d.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or world_size() == 1:
+        if not self.training or world_size() == 1 or _replicated_batch_passes:
             return super().forward(x)
         if x.dtype in (torch.float16, torch.bfloat16):  # what autocast does for batch_norm
             x = x.float()
@@ -182,6 +185,24 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         self.running_mean.mul_(1 - factor).add_(mean.to(self.running_mean.dtype), alpha=factor)
         unbiased = var * (count / max(count - 1, 1))
         self.running_var.mul_(1 - factor).add_(unbiased.to(self.running_var.dtype), alpha=factor)
+
+
+_replicated_batch_passes = 0  # > 0 inside replicated_batches()
+
+
+@contextlib.contextmanager
+def replicated_batches() -> Iterator[None]:
+    """Forward passes in which every process holds the same whole batch (EWGS's Hessian delta takes
+    the global training batches on each process): GlobalBatchNorm2d acts as nn.BatchNorm2d there.
+    Its global statistics would be the local ones anyway, and nn.BatchNorm2d is differentiable twice,
+    which _GlobalBatchNormFunction is not (its statistics enter its backward as constants and its
+    all-reduce is not recorded), so a Hessian through it would differ from the single process's."""
+    global _replicated_batch_passes
+    _replicated_batch_passes += 1
+    try:
+        yield
+    finally:
+        _replicated_batch_passes -= 1
 
 
 def synchronize_batchnorm(model: nn.Module) -> int:
