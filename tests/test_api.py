@@ -7,6 +7,7 @@ import os
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torchvision.transforms import v2
@@ -34,8 +35,10 @@ def test_cli_and_api_give_identical_runs(tmp_path: Path, tiny_folder: Path) -> N
     assert main(["train", "--data", str(tiny_folder), "--seed", "3", "--epochs", "2", "--batch-size", "12",
                  "--teacher", str(tmp_path / "cli-t"), "--method", "lsq", "--w-bits", "3", "--a-bits", "3",
                  "--aug", "randaugment+cutmix", "--out", str(tmp_path / "cli-s"), "--no-progress"]) == 0
-    daqkd.train_student(daqkd.StudentOptions(**common, teacher=str(tmp_path / "api-t"), method="lsq", w_bits=3,
-                                             a_bits=3, aug="randaugment+cutmix", out=str(tmp_path / "api-s")))
+    # a notebook's numpy numbers: the same run, stored as Python numbers (JSON cannot hold numpy's)
+    daqkd.train_student(daqkd.StudentOptions(**common, teacher=str(tmp_path / "api-t"), method="lsq",
+                                             w_bits=np.int64(3), a_bits=np.int32(3), aug="randaugment+cutmix",
+                                             out=str(tmp_path / "api-s")))
     for kind in ("t", "s"):
         cli, api = tmp_path / f"cli-{kind}", tmp_path / f"api-{kind}"
         assert _history(cli) == _history(api)

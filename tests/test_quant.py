@@ -296,16 +296,21 @@ def test_numpy_numbers_are_stored_as_python_numbers() -> None:
 
     import numpy as np
 
-    config = QuantConfig("ewgs", np.int64(3), np.int32(4), first_last=np.int64(8), ewgs_delta=np.float32(0.5),
-                         ewgs_hessian_probes=np.uint8(2), pact_alpha=np.float16(6))
+    config = QuantConfig(np.str_("ewgs"), np.int64(3), np.int32(4), per_channel=np.bool_(True),
+                         first_last=np.int64(8), ewgs_delta=np.float32(0.5), ewgs_hessian_probes=np.uint8(2),
+                         pact_alpha=np.float16(6))
     config.validate()
     assert [type(getattr(config, f)) for f in ("w_bits", "a_bits", "first_last", "ewgs_hessian_probes")] == [int] * 4
-    assert type(config.ewgs_delta) is float and type(config.pact_alpha) is float
+    assert type(config.ewgs_delta) is float and type(config.pact_alpha) is float and config.per_channel is True
     assert json.loads(json.dumps(dataclasses.asdict(config)))["w_bits"] == 3
     with pytest.raises(DaqkdError, match="--w-bits must be an integer"):
         QuantConfig(w_bits=np.bool_(True)).validate()  # a boolean is no bit width, numpy's neither
     with pytest.raises(DaqkdError, match="--a-bits must be an integer"):
         QuantConfig(a_bits=np.float64(4.0)).validate()
+    with pytest.raises(DaqkdError, match="per_channel must be True or False, got 1"):
+        QuantConfig(per_channel=1).validate()
+    with pytest.raises(DaqkdError, match="--ewgs-delta must be a number >= 0"):
+        QuantConfig(ewgs_delta=np.bool_(False)).validate()
 
 
 def test_quantizer_state_travels_in_the_state_dict() -> None:

@@ -55,6 +55,7 @@ from .rundir import (
     STATE_FILE,
     check_output,
     same_option,
+    store_python_scalars,
     stored_ranking,
     write_json_atomic,
 )
@@ -67,6 +68,9 @@ Options = TypeVar("Options", bound="DataOptions")
 
 class CommandOptions:
     """Options of one command, built from its argparse Namespace by the CLI or by hand in a notebook."""
+
+    def __post_init__(self) -> None:
+        store_python_scalars(self)  # type: ignore[arg-type]  (subclasses are dataclasses)
 
     @classmethod
     def from_namespace(cls, namespace: Any) -> Self:

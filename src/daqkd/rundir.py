@@ -15,6 +15,7 @@ reader or a killed process never sees half a file.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import os
@@ -22,6 +23,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from .errors import DaqkdError
 
@@ -129,6 +132,16 @@ def remove_partial_files(run: str | Path) -> list[Path]:
 def write_text_atomic(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def store_python_scalars(config: Any) -> None:
+    """Replace a dataclass's numpy scalar fields (a notebook's np.arange, a pandas row) by their
+    Python values, in place: JSON (config.json, checkpoint metadata) cannot hold numpy's, and that
+    would fail only when the first file is written, after the teacher, the ranking or an epoch."""
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        if isinstance(value, np.generic):
+            setattr(config, item.name, value.item())
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:

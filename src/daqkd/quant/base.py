@@ -9,7 +9,6 @@ know which layers follow a ReLU.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DaqkdError
+from ..rundir import store_python_scalars
 
 FP_BITS = 32  # "not quantized"
 # QuantConfig's fields for EWGS's Hessian delta: when and from how large a sample it is estimated
@@ -54,16 +54,7 @@ class QuantConfig:
     ewgs_hessian_probes: int = 4  # Rademacher probes per batch, shared by all layers (ewgs.update_ewgs_delta)
 
     def __post_init__(self) -> None:
-        # numpy scalars (a notebook's np.arange, a pandas row) would fail json.dumps into checkpoint
-        # metadata after the first epoch: store them as Python numbers; validate() checks the rest
-        for name in ("w_bits", "a_bits", "first_last", *EWGS_HESSIAN_FIELDS):
-            value = getattr(self, name)
-            if isinstance(value, numbers.Integral) and not isinstance(value, (bool, int)):
-                setattr(self, name, int(value))
-        for name in ("ewgs_delta", "pact_alpha"):
-            value = getattr(self, name)
-            if isinstance(value, numbers.Real) and not isinstance(value, (bool, float, int)):
-                setattr(self, name, float(value))
+        store_python_scalars(self)  # validate() checks the values
 
     def validate(self) -> None:
         if self.method not in QUANTIZERS:
@@ -74,6 +65,10 @@ class QuantConfig:
             check_bits("first_last", self.first_last)
         if self.ewgs_init not in ("paper", "mse"):
             raise DaqkdError(f"unknown EWGS initialization {self.ewgs_init!r}: use paper or mse")
+        if not isinstance(self.per_channel, bool):
+            raise DaqkdError(f"per_channel must be True or False, got {self.per_channel!r}")
+        if isinstance(self.ewgs_delta, bool) or not isinstance(self.ewgs_delta, (int, float, type(None))):
+            raise DaqkdError(f"--ewgs-delta must be a number >= 0 (or 'hessian'), got {self.ewgs_delta!r}")
         if self.ewgs_delta is not None and self.ewgs_delta < 0:
             raise DaqkdError(f"--ewgs-delta must be >= 0 (or 'hessian'), got {self.ewgs_delta}")
         for name in EWGS_HESSIAN_FIELDS:
