@@ -211,6 +211,44 @@ def test_ewgs_hessian_delta_under_torchrun_is_the_single_process_one(tiny_folder
         assert float(double[key]) == pytest.approx(float(single[key]), rel=1e-4, abs=1e-7), key
 
 
+def test_hessian_through_synchronized_batchnorm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a gloo group of one made to look like two processes (so that GlobalBatchNorm2d runs its
+    synchronized function): EWGS's Hessian estimates equal plain BatchNorm's (the pass uses the
+    batch's own statistics), and any other second derivative through the synchronized function
+    raises instead of silently treating the batch statistics as constants (which gave estimates
+    0.1 times and -0.04 times the right ones here, measured before the fix)."""
+    import torch.distributed as dist
+
+    import daqkd.runtime
+    from daqkd.models import create_model
+    from daqkd.quant import QuantConfig, quantize_model
+    from daqkd.quant.ewgs import hessian_delta_estimates
+
+    torchrun_env_of_one_process(monkeypatch)
+    dist.init_process_group("gloo")
+    try:
+        torch.manual_seed(0)
+        model = quantize_model(create_model("resnet20", 10), QuantConfig("ewgs", 4, 32))
+        assert daqkd.runtime.synchronize_batchnorm(model) == 19
+        images, labels = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+        model.train()(images)  # the quantizers initialize
+        ce = torch.nn.functional.cross_entropy
+        torch.manual_seed(1)
+        plain = hessian_delta_estimates(model, ce, images, labels, probes=2)
+        monkeypatch.setattr(daqkd.runtime, "world_size", lambda: 2)
+        torch.manual_seed(1)
+        synchronized = hessian_delta_estimates(model, ce, images, labels, probes=2)
+        assert synchronized.keys() == plain.keys() and len(plain) == 18
+        for name, value in plain.items():
+            assert synchronized[name] == pytest.approx(value, rel=1e-5), name
+        weights = [p for p in model.parameters() if p.ndim == 4]  # the synchronized function: no second derivative
+        torch.autograd.grad(ce(model(images), labels), weights)
+        with pytest.raises(RuntimeError, match="differentiable once only: .* inside daqkd.runtime.replicated_batches"):
+            torch.autograd.grad(ce(model(images), labels), weights, create_graph=True)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_batch_must_split_evenly(tiny_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                  capsys: pytest.CaptureFixture[str]) -> None:
     """A batch that 2 processes cannot share is one error line and exit 2 (the process group is

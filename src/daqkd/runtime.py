@@ -145,6 +145,9 @@ class _GlobalBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        if torch.is_grad_enabled():  # create_graph: a second derivative would take the statistics as constants
+            raise RuntimeError("the synchronized BatchNorm is differentiable once only: take second derivatives "
+                               "on batches every process holds whole, inside daqkd.runtime.replicated_batches()")
         x_hat, invstd, weight = ctx.saved_tensors
         dims = (0, 2, 3)
         local = torch.cat([grad.sum(dims, dtype=torch.float64), (grad * x_hat).sum(dims, dtype=torch.float64)])

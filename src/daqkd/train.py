@@ -28,7 +28,7 @@ from .distill import DistillLoss, DistillTask
 from .errors import DaqkdError
 from .quant import split_parameters
 from .rundir import BEST_FILE, LAST_FILE, STATE_FILE, append_history, atomic_path, remove_partial_files, write_history
-from .runtime import all_reduce_mean, is_main_process, mix_seed, replicated_batches, synchronize_batchnorm, world_size
+from .runtime import all_reduce_mean, is_main_process, mix_seed, synchronize_batchnorm, world_size
 
 
 @dataclass
@@ -573,6 +573,5 @@ class Trainer:
                 batches.append(self._batch(idx, generator))
             return batches
 
-        with replicated_batches():  # sample_batches gives each process the whole global batches
-            for cls in classes:
-                cls.on_epoch_start(self.model, self.epoch, sample_batches)
+        for cls in classes:
+            cls.on_epoch_start(self.model, self.epoch, sample_batches)

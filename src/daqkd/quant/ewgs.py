@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..runtime import replicated_batches
 from . import kernels
 from .base import FP_BITS, Grid, QuantConfig, Quantizer, register_quantizer
 from .functional import mse_clip, pass_between
@@ -207,12 +208,15 @@ def hessian_delta_estimates(model: nn.Module, loss_fn: Callable[[torch.Tensor, t
     """One batch's estimate (Tr(H) / N) / (3 std(g)) for every Hessian-driven EWGS quantizer, not
     clipped (EWGS sec. 3.3): Tr(H) of the loss with respect to the quantizer's discretized output
     x_q by Hutchinson's estimator (E[v^T H v], v Rademacher, ``probes`` draws from torch's global
-    generator), N = numel(x_q), g = dL/dx_q. {module name: estimate}."""
+    generator), N = numel(x_q), g = dL/dx_q. {module name: estimate}. BatchNorm takes the statistics
+    of ``inputs`` alone, also under torch.distributed (runtime.replicated_batches: the synchronized
+    BatchNorm cannot be differentiated twice); the trainer gives every process the same batches."""
     quantizers = {n: m for n, m in model.named_modules() if isinstance(m, EWGSQuantizer) and m.hessian_delta}
     for m in quantizers.values():
         m.capture = []
     try:
-        with kernels.eager_kernels():  # differentiated twice: compiled backwards refuse create_graph
+        # differentiated twice: compiled backwards refuse create_graph
+        with kernels.eager_kernels(), replicated_batches():
             return _estimates(quantizers, loss_fn(model(inputs), targets), probes)
     finally:
         for m in quantizers.values():
