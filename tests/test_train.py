@@ -913,6 +913,22 @@ def test_attention_transfer_needs_equal_spatial_sizes() -> None:
         create_loss("at", DistillConfig())(torch.zeros(2, 3), None, torch.tensor([0, 1]), features)
 
 
+def test_resuming_a_run_with_damaged_quant_options_is_one_line(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """A hand-edited config.json: the line names the stored option and the file, not a CLI flag the
+    resuming command never passed."""
+    import json
+
+    run = tmp_path / "edited"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"command": "train", "args": {
+        "method": "ewgs", "w_bits": 9, "ewgs_delta": "0", "out": str(run)}}))
+    assert main(["train", "--resume", "--out", str(run), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{run / 'config.json'} has damaged daqkd metadata (w_bits must be an integer" in err[0]
+    assert "--w-bits" not in err[0] and err[0].endswith("start a new run directory"), err
+
+
 def test_resuming_a_hessian_ewgs_run_from_before_the_sample_options_is_one_line(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Such a run took 2 x 64 images x 1 probe per delta update; resuming it now would switch to the

@@ -32,11 +32,11 @@ import torch
 
 from .augment import check_candidate, parse_candidates
 from .augment.custom import PerImageDA
-from .checkpoint import read_checkpoint, resolve_checkpoint
+from .checkpoint import RESUME_STATE_REMEDY, damaged_metadata, read_checkpoint, resolve_checkpoint
 from .data import ImageSet, image_set_from_dataset, load_data
 from .distill import DistillConfig, DistillTask, create_loss
 from .errors import DaqkdError
-from .loading import load_model, load_state_dict_strict, model_size_bytes
+from .loading import flag_as_field, load_model, load_state_dict_strict, model_size_bytes
 from .models import Normalization, NormalizedModel, create_model, parse_normalization
 from .quant import QuantConfig, check_bits, quantize_model
 from .quant.base import EWGS_HESSIAN_FIELDS
@@ -365,6 +365,11 @@ def prepare_run(options: Options, command: str) -> tuple[Options, Path]:
             stored = {k: str(Path(start) / v) if k in PATH_OPTIONS and isinstance(v, str) and
                       not Path(v).expanduser().is_absolute() else v for k, v in stored.items()}
         options = replace(options, **{k: v for k, v in stored.items() if k in names and k not in RESUME_KEEPS})
+        if isinstance(options, StudentOptions):
+            try:
+                options.quant_config()
+            except DaqkdError as exc:  # its line names a CLI flag, which the resuming command did not pass
+                raise damaged_metadata(config_file, flag_as_field(str(exc)), RESUME_STATE_REMEDY) from exc
     elif (run / STATE_FILE).exists():
         raise DaqkdError(f"{run} already holds a run: pass --resume to continue it, or another --out")
     return options, run

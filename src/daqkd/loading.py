@@ -155,7 +155,7 @@ def load_model(path: str | Path, *, arch: str | None = None, normalize: str | No
 def flag_as_field(message: str) -> str:
     """QuantConfig.validate's line about a CLI flag ("--w-bits must be ...") as one about the stored
     field ("w_bits must be ..."), for errors in a file's metadata."""
-    return re.sub(r"--([a-z][a-z0-9-]*)", lambda m: m.group(1).replace("-", "_"), message)
+    return re.sub(r"^--([a-z][a-z0-9-]*)", lambda m: m.group(1).replace("-", "_"), message)
 
 
 def check_metadata(file: Path, meta: dict[str, Any]) -> None:
