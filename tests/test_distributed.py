@@ -189,12 +189,13 @@ def test_a_student_under_torchrun_sees_the_global_batch(kd: str, tiny_folder: Pa
 
 def test_ewgs_hessian_delta_under_torchrun_is_the_single_process_one(tiny_folder: Path, tmp_path: Path) -> None:
     """EWGS's Hessian delta (updated at the start of epoch 2; learning rates 0, so that both runs
-    take it at the same weights) from 2 processes equals the single process's. Every process takes
-    the Hessian of the same whole global batches, so BatchNorm must act as the single process's
-    there: the synchronized BatchNorm's autograd function is differentiated once only (its
-    statistics enter the second derivative as constants, its all-reduce is not recorded), which made
-    2 processes' deltas 2-16 times smaller here, 4 of 18 clipped to 0 (measured before the fix), against
-    a relative difference of 6e-6 after it."""
+    take it at the same weights) from 2 processes is the single process's. Every process takes the
+    Hessian of the same whole global batches, so BatchNorm must act as the single process's there:
+    the synchronized BatchNorm's function took the batch statistics as constants in the second
+    derivative, which made 2 processes' deltas 2-16 times smaller, 4 of 18 clipped to 0 (measured
+    before the fix). Tolerance 2 %: the quantizers' output scales differ by an ulp between 1 and 2
+    processes (their calibration sums in another order), which moved delta by up to 0.17 % (the
+    single process under torchrun, one thread each; 0.6 % against a 2-thread process; measured)."""
     data = ["--data", str(tiny_folder)]
     teacher = tmp_path / "teacher"
     assert main([*TEACHER[:-1], "1", *data, "--out", str(teacher)]) == 0
@@ -202,13 +203,13 @@ def test_ewgs_hessian_delta_under_torchrun_is_the_single_process_one(tiny_folder
                "--ewgs-delta-every", "1", "--ewgs-hessian-probes", "2", "--aug", "none", "--epochs", "2",
                "--lr", "0", "--quant-lr", "0", "--batch-size", "12", "--seed", "1", "--train-limit-per-class", "4",
                "--no-progress"]
-    assert main([*student, "--out", str(tmp_path / "s1")]) == 0
+    torchrun([*student, "--out", str(tmp_path / "s1")], processes=1)
     torchrun([*student, "--out", str(tmp_path / "s2")])
     single, double = weights(tmp_path / "s1"), weights(tmp_path / "s2")
     deltas = [k for k in single if k.endswith("weight_quantizer.delta")]
     assert len(deltas) == 18 and sum(float(single[k]) > 0 for k in deltas) >= 12  # the update ran
     for key in deltas:
-        assert float(double[key]) == pytest.approx(float(single[key]), rel=1e-4, abs=1e-7), key
+        assert float(double[key]) == pytest.approx(float(single[key]), rel=0.02, abs=1e-6), key
 
 
 def test_hessian_through_synchronized_batchnorm(monkeypatch: pytest.MonkeyPatch) -> None:
