@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from daqkd.stats import all_permutations, paired_gain, rank_correlation
+from daqkd.stats import all_permutations, friedman_test, paired_gain, rank_correlation
 
 
 def enumerated_p(x: list[float], y: list[float]) -> tuple[float, float]:
@@ -97,3 +97,42 @@ def test_paired_gain_interval_by_hand() -> None:
     one = paired_gain([0.5])
     assert one.ci95 is None and one.interval_contains_zero
     assert paired_gain([]) is None
+
+
+def enumerated_friedman_p(table: list[list[float]]) -> float:
+    """P(chi^2* >= chi^2) by brute force: scipy's statistic over every arrangement of every block."""
+    observed = stats.friedmanchisquare(*np.asarray(table).T).statistic
+    hits = total = 0
+    for rows in itertools.product(*[list(itertools.permutations(row)) for row in table]):
+        total += 1
+        hits += stats.friedmanchisquare(*np.asarray(rows).T).statistic >= observed - 1e-9
+    return hits / total
+
+
+@pytest.mark.parametrize("table", [
+    [[70.1, 70.5, 69.3, 69.0], [69.9, 70.7, 69.5, 69.4]],  # 2 seeds x 4 DAs
+    [[1.0, 2.0, 2.0, 3.0], [3.0, 1.0, 2.0, 2.0], [1.0, 3.0, 2.0, 2.0]],  # ties within seeds
+    [[0.3, 0.1, 0.2], [0.2, 0.1, 0.3], [0.1, 0.3, 0.2]],
+])
+def test_friedman_exact_p_equals_brute_force_enumeration(table: list[list[float]]) -> None:
+    result = friedman_test(table)
+    assert result.p_method == "exact permutation" and result.p == pytest.approx(enumerated_friedman_p(table))
+    reference = stats.friedmanchisquare(*np.asarray(table).T)
+    assert (result.statistic, result.asymptotic_p) == (pytest.approx(reference.statistic),
+                                                        pytest.approx(reference.pvalue))
+    assert (result.df, result.blocks, result.treatments) == (len(table[0]) - 1, len(table), len(table[0]))
+
+
+def test_friedman_by_hand_and_monte_carlo() -> None:
+    # 2 seeds ordering 4 DAs the same way: R = (2, 4, 6, 8), chi^2 = 12 / (2 * 4 * 5) * 120 - 3 * 2 * 5 = 6;
+    # block 0 fixed, only the identity of the 4! = 24 arrangements of block 1 reaches it: p = 1 / 24
+    same = friedman_test([[1, 2, 3, 4], [10, 20, 30, 40]])
+    assert (same.statistic, same.p) == (pytest.approx(6.0), pytest.approx(1 / 24))
+    table = [[70.1, 70.5, 69.3, 69.0, 69.6], [69.9, 70.7, 69.5, 69.4, 69.2], [70.3, 70.2, 69.1, 69.5, 69.8]]
+    exact = friedman_test(table)
+    sampled = friedman_test(table, exact_max=10, draws=40_000, seed=3)
+    assert sampled.p_method == "Monte Carlo permutation, 40,000 draws"
+    assert sampled.p == pytest.approx(exact.p, abs=0.006)  # 3 binomial SEs at p ~ 0.03
+    assert friedman_test(table, exact_max=10, draws=40_000, seed=3) == sampled  # seeded
+    assert friedman_test([[1, 2, 3]]) is None and friedman_test([[1, 2], [2, 1]]) is None
+    assert friedman_test([[1, 1, 1], [2, 2, 2]]) is None  # no seed tells the DAs apart

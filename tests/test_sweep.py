@@ -69,8 +69,17 @@ def test_analysis_controls_gains_and_verdict() -> None:
     assert c["variance"]["spearman"] == pytest.approx(1.0) and c["variance"]["direction"] == "opposite"
     assert math.isnan(c["cmi"]["spearman"]) and c["cmi"]["spearman_p"] == 1.0  # constant CMI ranks nothing
     assert result["score_vs_teacher_accuracy_spearman"] == pytest.approx(-1.0)
+    # every seed orders the 5 DAs alike, ranks (1, 2, 5, 4, 3): R = (3, 6, 15, 12, 9), chi2 = 12 / (3 * 5 * 6)
+    # * 495 - 3 * 3 * 6 = 12; of the (5!)^2 arrangements of seeds 1, 2 only this one is as extreme
+    differ = result["das_differ"]
+    assert (differ["statistic"], differ["df"], differ["p"], differ["das"], differ["seeds"]) == (
+        pytest.approx(12.0), 4, pytest.approx(1 / 14400), 5, 3)
+    assert differ["mean_span"] == pytest.approx(65.5 - 60.5)  # randaugment+cutmix vs none+cutmix
+    assert differ["median_seed_sd"] == pytest.approx(stats.tstd([62.0, 62.0, 62.5]))  # sds 0.5, 0.29, 0.5, 0.29, 0
     assert result["warnings"] == []
     verdict = " ".join(result["verdict"])
+    assert ("Friedman over 5 DAs (the default included) x 3 seeds: chi2 12.00 (4 df), p 6.94e-05 (exact permutation;"
+            in verdict)
     assert "vs the default none: +2.50 points (95% CI [+1.26, +3.74], 3 seeds)" in verdict
     assert "is the same as the pick of teacher accuracy" in verdict and "cannot credit the metric" in verdict
     rows = result["candidates"]
@@ -130,6 +139,19 @@ def test_report_and_plot_name_the_score_the_ranking_used(tmp_path: Path) -> None
         with pytest.raises(OSError):
             scatter_plot(result, tmp_path / "broken.png", "t")
     assert [p.name for p in tmp_path.iterdir()] == ["scatter.png"]
+
+
+def test_analysis_says_when_the_das_do_not_differ_beyond_seed_noise() -> None:
+    # seed 1 orders the 4 candidates the other way round: every rank sum is 5, chi2 0, p 1
+    order = sorted(SCORES, key=SCORES.get)
+    runs = [{"aug": n, "seed": s, "top1": 60.0 + (i if s == 0 else 3 - i), "best_top1": 70.0}
+            for i, n in enumerate(order) for s in (0, 1)]
+    result = analyze(fake_ranking(SCORES, VARIANCES), runs, list(SCORES))
+    assert (result["das_differ"]["statistic"], result["das_differ"]["p"]) == (pytest.approx(0.0), 1.0)
+    assert any(w.startswith("the DAs do not differ beyond seed noise (Friedman p 1 >= 0.05)")
+               for w in result["warnings"])
+    one_seed = analyze(fake_ranking(SCORES, VARIANCES), [r for r in runs if r["seed"] == 0], list(SCORES))
+    assert one_seed["das_differ"] is None and not any("Friedman" in line for line in one_seed["verdict"])
 
 
 def test_analysis_warns_on_few_seeds_and_a_pick_equal_to_the_default() -> None:

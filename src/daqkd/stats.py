@@ -11,6 +11,10 @@ permutation p is 0.011). So:
   hand because ``scipy.stats.permutation_test`` materializes the whole null distribution of every
   resampled array at once (22 GB for n = 8 here); this one streams the permutations in chunks.
 - :func:`paired_gain`: the mean of per-seed paired differences with its Student-t 95 % interval.
+- :func:`friedman_test`: whether k DAs differ at all over b seeds (Friedman 1937; seeds as blocks,
+  ranks within each seed), with the permutation p-value over within-seed shuffles: exact when
+  (k!)^(b-1) pairings are few (2 seeds of up to 10 DAs), Monte Carlo beyond. scipy's
+  ``friedmanchisquare`` gives only the chi^2 approximation, poor for 2-3 seeds.
 """
 
 from __future__ import annotations
@@ -162,3 +166,79 @@ def paired_gain(differences: list[float]) -> Gain | None:
         return Gain(mean, None, n, list(differences))
     half = float(stats.t.ppf(0.975, n - 1)) * float(np.std(differences, ddof=1)) / math.sqrt(n)
     return Gain(mean, (mean - half, mean + half), n, list(differences))
+
+
+FRIEDMAN_EXACT_MAX = 4_000_000  # within-seed pairings enumerated at most (10! = 3.6 million: 2 seeds x 10 DAs)
+FRIEDMAN_DRAWS = 100_000  # Monte Carlo shuffles beyond
+
+
+@dataclass
+class Friedman:
+    """Friedman's test that k treatments (DAs) do not differ, over b blocks (seeds).
+
+    statistic: chi^2_F = 12 / (b k (k + 1)) sum_j R_j^2 - 3 b (k + 1) with R_j the rank sum of
+    treatment j over the blocks, divided by scipy's ties correction; df = k - 1. p: the permutation
+    p-value P(chi^2* >= chi^2) under within-block shuffles of the ranks (``p_method``: "exact
+    permutation" or "Monte Carlo permutation, N draws"); asymptotic_p: the chi^2(k - 1)
+    approximation, for comparison."""
+
+    statistic: float
+    df: int
+    p: float
+    p_method: str
+    asymptotic_p: float
+    blocks: int
+    treatments: int
+
+
+def _rank_sum_spread(sums: np.ndarray, blocks: int, treatments: int) -> np.ndarray:
+    """sum_j (R_j - b (k + 1) / 2)^2 per row of rank sums (..., k): chi^2_F up to a factor that
+    within-block shuffles do not change, so it orders the null distribution as chi^2_F does."""
+    return np.square(sums - blocks * (treatments + 1) / 2).sum(axis=-1)
+
+
+def friedman_test(table: list[list[float]] | np.ndarray, exact_max: int = FRIEDMAN_EXACT_MAX,
+                  draws: int = FRIEDMAN_DRAWS, seed: int = 0) -> Friedman | None:
+    """Friedman's test on a (blocks, treatments) table, e.g. student top-1 of every DA (columns) at
+    every seed (rows); None below 2 blocks or 3 treatments, or if no block has two distinct values.
+
+    Under the null every block's ranks are exchangeable. Shuffling all blocks by the same
+    permutation only relabels the treatments, so fixing block 0 and enumerating the (k!)^(b-1)
+    arrangements of the others is exact; beyond ``exact_max`` arrangements (or k > 10), ``draws``
+    shuffles from numpy's generator seeded with ``seed`` give p = (hits + 1) / (draws + 1)."""
+    from scipy import stats
+
+    values = np.asarray(table, dtype=np.float64)
+    if values.ndim != 2:
+        raise ValueError("table must be (blocks, treatments)")
+    blocks, treatments = values.shape
+    if blocks < 2 or treatments < 3 or all(np.ptp(row) == 0 for row in values):
+        return None
+    ranks = stats.rankdata(values, axis=1)
+    result = stats.friedmanchisquare(*values.T)
+    observed = float(_rank_sum_spread(ranks.sum(axis=0), blocks, treatments))
+    arrangements = math.factorial(treatments) ** (blocks - 1) if treatments <= EXACT_MAX_N else math.inf
+    if arrangements <= exact_max:
+        perms = all_permutations(treatments)
+        count = len(perms)
+        hits = 0
+        for start in range(0, int(arrangements), _CHUNK):
+            index = np.arange(start, min(start + _CHUNK, int(arrangements)), dtype=np.int64)
+            sums = np.broadcast_to(ranks[0], (len(index), treatments)).copy()
+            for block in range(1, blocks):  # mixed-radix digits: one permutation index per block
+                index, digit = np.divmod(index, count)
+                sums += ranks[block][perms[digit]]
+            hits += int((_rank_sum_spread(sums, blocks, treatments) >= observed - _EPS).sum())
+        p, method = hits / arrangements, "exact permutation"
+    else:
+        rng = np.random.default_rng(seed)
+        hits, done = 0, 0
+        while done < draws:
+            n = min(_CHUNK // max(blocks * treatments // 10, 1), draws - done)
+            shuffled = rng.permuted(np.broadcast_to(ranks[1:], (n, blocks - 1, treatments)), axis=2)
+            sums = ranks[0] + shuffled.sum(axis=1)
+            hits += int((_rank_sum_spread(sums, blocks, treatments) >= observed - _EPS).sum())
+            done += n
+        p, method = (hits + 1) / (draws + 1), f"Monte Carlo permutation, {draws:,} draws"
+    return Friedman(float(result.statistic), treatments - 1, float(p), method, float(result.pvalue), blocks,
+                    treatments)

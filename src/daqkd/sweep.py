@@ -14,7 +14,7 @@ from typing import Any
 
 from .metric import score_formula, variance_standard_error
 from .rundir import atomic_path
-from .stats import Correlation, Gain, paired_gain, rank_correlation
+from .stats import Correlation, Gain, friedman_test, paired_gain, rank_correlation
 
 # Each control ranks the candidates from the teacher's predictions alone: (the ranking's figure,
 # which direction the control prefers). The score rewards CMI, so "CMI alone" prefers high CMI.
@@ -125,6 +125,22 @@ def _gain_dict(gain: Gain | None) -> dict[str, Any] | None:
             "differences": gain.differences}
 
 
+def das_differ(by_seed: dict[int, dict[str, float]], names: list[str]) -> dict[str, Any] | None:
+    """Whether the DAs ``names`` differ at all beyond seed noise, over the seeds where every one
+    finished: Friedman's test (stats.friedman_test; seeds as blocks) and two plain figures, the
+    span of the DA means and the median over DAs of their seed-to-seed standard deviation. None
+    below 2 such seeds."""
+    complete = [t for _, t in sorted(by_seed.items()) if all(n in t for n in names)]
+    test = friedman_test([[t[n] for n in names] for t in complete]) if len(complete) >= 2 else None
+    if test is None:
+        return None
+    means = [statistics.fmean(t[n] for t in complete) for n in names]
+    spread = statistics.median(statistics.stdev(t[n] for t in complete) for n in names)
+    return {"statistic": test.statistic, "df": test.df, "p": test.p, "p_method": test.p_method,
+            "asymptotic_p": test.asymptotic_p, "das": len(names), "seeds": len(complete),
+            "mean_span": max(means) - min(means), "median_seed_sd": spread}
+
+
 def _corr_dict(corr: Correlation | None, better: str | None = None) -> dict[str, Any] | None:
     if corr is None:
         return None
@@ -202,7 +218,9 @@ def analyze(ranking: dict[str, Any], runs: list[dict[str, Any]], candidates: lis
             "pick_vs_median": _gain_dict(paired_gain(vs_median))}
 
     agreement = correlation([c["score"] for c in swept], [c["teacher_accuracy"] for c in swept])
+    trained = [*candidates, *([default] if default is not None and default not in candidates else [])]
     analysis = {"candidates": rows, "summary": summary, "default": default, "controls": controls, "gain": gain,
+                "das_differ": das_differ(by_seed, trained),
                 "score_formula": score_formula(score_kind, cmi_weight),
                 "sample_score_formula": score_formula("sample", cmi_weight),
                 "score_vs_teacher_accuracy_spearman": agreement.spearman if agreement else None,
@@ -272,6 +290,16 @@ def verdict_lines(analysis: dict[str, Any], picks: dict[str, str | None]) -> tup
         sc, ta = ctrl["score"], ctrl["teacher_accuracy"]
         lines.append(f"Against student top-1: score Spearman {sc['spearman']:+.3f} (p {sc['spearman_p']:.3g}), teacher "
                      f"accuracy {ta['spearman']:+.3f} (p {ta['spearman_p']:.3g}), {sc['p_method']} p-values.")
+    differ = analysis.get("das_differ")
+    if differ is not None:
+        lines.append(
+            f"Do the DAs differ at all? Friedman over {differ['das']} DAs{' (the default included)' if default else ''}"
+            f" x {differ['seeds']} seeds: chi2 {differ['statistic']:.2f} ({differ['df']} df), p {differ['p']:.3g} "
+            f"({differ['p_method']}; chi2 approximation {differ['asymptotic_p']:.3g}); the DA means span "
+            f"{differ['mean_span']:.2f} points, a DA's seed-to-seed sd is {differ['median_seed_sd']:.2f} (median).")
+        if differ["p"] >= 0.05:
+            warnings.append(f"the DAs do not differ beyond seed noise (Friedman p {differ['p']:.3g} >= 0.05): this "
+                            "sweep cannot tell any order of them apart, the metric's included")
     thin = [r["name"] for r in analysis["candidates"] if len(r["seeds"]) < MIN_SEEDS]
     if thin:
         warnings.append(f"{len(thin)} of {len(analysis['candidates'])} DAs have fewer than {MIN_SEEDS} seeds: "
