@@ -4,8 +4,8 @@
 #   bash benchmarks/results/issue12-worktree.sh start   # worktree at 9cd0d49 beside the repo, the committed
 #                                                       # results copied in, run.sh started in the background
 #   bash benchmarks/results/issue12-worktree.sh sync    # finished runs and outputs copied back to commit
-# Both experiments finished on 2026-12-06 (start then finds nothing left to run; it remains the way to
-# reproduce them from the committed results). Experiment 1 (cifar10-limited500) is not rerun by it.
+# Both experiments finished on 2026-12-06 (start now finds nothing left to run; this script is the record of
+# how experiment 2 ran across sessions). Experiment 1 (cifar10-limited500) is not run by it.
 set -euo pipefail
 REPO=$(git -C "$(dirname "$0")" rev-parse --show-toplevel)
 WT=${ISSUE12_WORKTREE:-$(dirname "$REPO")/wt-issue12}
