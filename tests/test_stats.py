@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from daqkd.stats import all_permutations, friedman_test, paired_gain, rank_correlation
+from daqkd.stats import all_permutations, disagreement_test, friedman_test, paired_gain, rank_correlation
 
 
 def enumerated_p(x: list[float], y: list[float]) -> tuple[float, float]:
@@ -56,14 +56,93 @@ def test_cpu_sweep_case_exact_p_differs_from_asymptotic() -> None:
     assert stats.spearmanr(score, top1).pvalue == pytest.approx(0.0065, abs=1e-4)
 
 
-def test_beyond_ten_items_p_values_are_asymptotic() -> None:
+def test_beyond_ten_items_p_values_are_seeded_monte_carlo_permutations() -> None:
     rng = np.random.default_rng(0)
-    x = list(rng.random(11))
-    y = list(np.asarray(x) + rng.random(11))
+    x = list(rng.random(16))
+    y = list(np.asarray(x) + 2 * rng.random(16))
     corr = rank_correlation(x, y)
-    assert corr.p_method == "asymptotic"
-    assert corr.spearman_p == pytest.approx(stats.spearmanr(x, y).pvalue)
-    assert corr.kendall_p == pytest.approx(stats.kendalltau(x, y).pvalue)
+    assert corr.p_method == "Monte Carlo permutation, 100,000 shuffles, seed 0"
+    assert corr.spearman == pytest.approx(stats.spearmanr(x, y).statistic)
+    assert rank_correlation(x, y).spearman_p == corr.spearman_p  # seeded: the same p every time
+    # a naive Monte Carlo reference with scipy's statistics (2,000 shuffles): within 4 standard errors
+    ref = np.random.default_rng(1)
+    perms = [ref.permutation(y) for _ in range(2000)]
+    naive_rho = np.mean([abs(stats.spearmanr(x, p).statistic) >= abs(corr.spearman) - 1e-12 for p in perms])
+    naive_tau = np.mean([abs(stats.kendalltau(x, p).statistic) >= abs(corr.kendall) - 1e-12 for p in perms])
+    for mine, naive in ((corr.spearman_p, naive_rho), (corr.kendall_p, naive_tau)):
+        assert abs(mine - naive) < 4 * math.sqrt(max(naive * (1 - naive), 1e-3) / 2000)
+    assert 0.0 < corr.spearman_p < 1.0 and corr.spearman_p != pytest.approx(stats.spearmanr(x, y).pvalue, rel=1e-6)
+
+
+def test_monte_carlo_p_agrees_with_the_exact_p() -> None:
+    x = [0.31, 0.12, 0.55, 0.47, 0.9, 0.26, 0.74, 0.68]
+    y = [60.1, 59.0, 61.2, 60.4, 62.0, 60.3, 60.0, 61.9]
+    exact = rank_correlation(x, y)
+    sampled = rank_correlation(x, y, exact_max_n=0, draws=20_000, seed=3)
+    assert exact.p_method == "exact permutation" and sampled.p_method.startswith("Monte Carlo")
+    for e, m in ((exact.spearman_p, sampled.spearman_p), (exact.kendall_p, sampled.kendall_p)):
+        assert abs(e - m) < 4 * math.sqrt(e * (1 - e) / 20_000) + 1e-4
+
+
+def naive_disagreement(a, a_better, b, b_better, outcome):
+    """The disagreement share and its exact two-sided p by brute force over itertools.permutations."""
+    def prefers(values, better, i, j):  # +1: i preferred, -1: j, 0: tie
+        d = int(values[i] > values[j]) - int(values[i] < values[j])
+        return -d if better == "lower" else d
+
+    n = len(a)
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)
+             if prefers(a, a_better, i, j) * prefers(b, b_better, i, j) < 0]
+
+    def share(out):
+        total = 0.0
+        for i, j in pairs:
+            s = prefers(out, "higher", i, j) * prefers(a, a_better, i, j)
+            total += 1.0 if s > 0 else 0.5 if s == 0 else 0.0
+        return total / len(pairs)
+
+    observed = share(outcome)
+    perms = list(itertools.permutations(outcome))
+    hits = sum(abs(share(p) - 0.5) >= abs(observed - 0.5) - 1e-12 for p in perms)
+    return len(pairs), observed, hits / len(perms)
+
+
+def test_disagreement_by_hand() -> None:
+    # score (lower better) prefers 0 > 1 > 2 > 3; teacher accuracy (higher better) 2 > 0 > 1 > 3.
+    # They disagree on the pairs (0, 2) and (1, 2) only.
+    score, accuracy = [1.0, 2.0, 3.0, 4.0], [0.9, 0.8, 0.95, 0.7]
+    result = disagreement_test(score, "lower", accuracy, "higher", [70.0, 68.0, 65.0, 50.0])
+    assert (result.pairs, result.sides_with_a, result.share) == (2, 2.0, 1.0)
+    assert sorted(result.pair_list) == [(0, 2, 1), (1, 2, 1)]
+    # both pairs side the same way iff item 2 is the lowest (1/3) or the highest (1/3) of items 0, 1, 2
+    assert result.p == pytest.approx(2 / 3) and result.p_method == "exact permutation"
+    split = disagreement_test(score, "lower", accuracy, "higher", [70.0, 60.0, 65.0, 50.0])
+    assert (split.share, split.p) == (0.5, 1.0)  # one pair each way: chance exactly
+    tie = disagreement_test(score, "lower", accuracy, "higher", [70.0, 65.0, 65.0, 50.0])
+    assert tie.sides_with_a == 1.5 and tie.share == 0.75 and (1, 2, 0) in tie.pair_list
+    agree = disagreement_test(score, "lower", [0.9, 0.8, 0.7, 0.6], "higher", [1.0, 2.0, 3.0, 4.0])
+    assert (agree.pairs, agree.share, agree.p) == (0, None, None)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_disagreement_equals_brute_force(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    a, b = [float(v) for v in rng.random(7)], [float(v) for v in rng.random(7)]
+    outcome = list(np.round(rng.normal(60, 1, 7), 1))
+    outcome[3] = outcome[5]  # a tie in the outcome
+    result = disagreement_test(a, "lower", b, "higher", outcome)
+    pairs, share, p = naive_disagreement(a, "lower", b, "higher", outcome)
+    assert (result.pairs, result.share) == (pairs, pytest.approx(share)) and result.p == pytest.approx(p)
+    sampled = disagreement_test(a, "lower", b, "higher", outcome, exact_max_n=0, draws=20_000, seed=5)
+    assert sampled.p_method == "Monte Carlo permutation, 20,000 shuffles, seed 5"
+    assert abs(sampled.p - p) < 4 * math.sqrt(p * (1 - p) / 20_000) + 1e-4
+
+
+def test_disagreement_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="same length"):
+        disagreement_test([1.0, 2.0], "lower", [1.0], "higher", [1.0, 2.0])
+    with pytest.raises(ValueError, match="'lower' or 'higher'"):
+        disagreement_test([1.0, 2.0], "smaller", [1.0, 2.0], "higher", [1.0, 2.0])
 
 
 def test_degenerate_inputs() -> None:

@@ -96,6 +96,35 @@ def test_analysis_controls_gains_and_verdict() -> None:
     assert "| none (default, not a candidate) |" in text
 
 
+def test_disagreement_test_by_hand() -> None:
+    """The score orders the 4 candidates R > T > A > N, the variance the exact reverse, so all 6 pairs
+    disagree; the students (means R 65.5, T 63.83, A 62.17, N 60.5) side with the score in all 6, and of
+    the 4! shuffles of their means only the two perfect orders are as far from 3 of 6: p = 2/24. Teacher
+    accuracy is 1 - score here, so it never disagrees with the score."""
+    result = analyze(fake_ranking(SCORES, VARIANCES), fake_runs(3), list(SCORES), default="none")
+    test = result["disagreement"]["variance"]
+    assert (test["pairs"], test["students_side_with_score"], test["share"]) == (6, 6.0, 1.0)
+    assert test["p"] == pytest.approx(2 / 24) and test["p_method"] == "exact permutation"
+    assert test["candidates"] == 4  # the default is not a candidate: it has no figures to disagree on
+    assert {"score_prefers": "randaugment+cutmix", "control_prefers": "none+cutmix",
+            "students_side_with": "score"} in test["pair_list"]
+    assert result["disagreement"]["teacher_accuracy"]["pairs"] == 0
+    verdict = " ".join(result["verdict"])
+    assert ("Where the score and variance (Wang et al. 2022) disagree (6 pairs of candidates), the students side "
+            "with the score in 6 (100 %): p 0.0833 (exact permutation); they lean to the score, within noise."
+            in verdict)
+    assert "order every pair of trained candidates alike" in verdict
+    text = report_markdown(result, {"title": "t", "runs_finished": 15, "runs_total": 15, "train_seconds": 3600,
+                                    "device": "cpu", "command": "daqkd sweep"})
+    assert "| variance (Wang et al. 2022) | 4 | 6 | 6 | 100 % | 0.0833 | exact permutation |" in text
+    assert "| randaugment+cutmix | none+cutmix | score |" in text
+    # students that follow the variance instead: all 6 pairs side with it, share 0
+    flipped = [{**r, "top1": -r["top1"]} for r in fake_runs(3)]
+    test = analyze(fake_ranking(SCORES, VARIANCES), flipped, list(SCORES), default="none")["disagreement"]["variance"]
+    assert (test["share"], test["p"]) == (0.0, pytest.approx(2 / 24))
+    assert {q["students_side_with"] for q in test["pair_list"]} == {"variance"}
+
+
 def test_an_equal_order_is_said_as_such_and_no_correlation_has_no_direction() -> None:
     """scipy gives -0.9999999999999999 for two equal orders of 5: the sentence that the sweep cannot
     credit the metric beyond teacher accuracy still appears. A rho of exactly 0 (student top-1

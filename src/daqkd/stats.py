@@ -7,9 +7,13 @@ permutation p is 0.011). So:
 
 - :func:`rank_correlation`: Spearman's rho and Kendall's tau-b (scipy's definitions, ties
   averaged), with the two-sided permutation p-value P(|T*| >= |T|) over *all* n! pairings when
-  n <= ``EXACT_MAX_N`` (10! = 3.6 million, a few seconds), scipy's asymptotic p beyond. Written by
+  n <= ``EXACT_MAX_N`` (10! = 3.6 million, a few seconds), and over ``PERMUTATION_DRAWS`` seeded
+  Monte Carlo shuffles beyond (the paper's 16 candidates). Written by
   hand because ``scipy.stats.permutation_test`` materializes the whole null distribution of every
   resampled array at once (22 GB for n = 8 here); this one streams the permutations in chunks.
+- :func:`disagreement_test`: in the pairs of items that two rankings order oppositely, the share
+  where an outcome sides with the first; the direct test of "a metric adds something beyond a
+  control", with its permutation p.
 - :func:`paired_gain`: the mean of per-seed paired differences with its Student-t 95 % interval.
 - :func:`friedman_test`: whether k DAs differ at all over b seeds (Friedman 1937; seeds as blocks,
   ranks within each seed), with the permutation p-value over within-seed shuffles: exact when
@@ -26,6 +30,8 @@ from functools import lru_cache
 import numpy as np
 
 EXACT_MAX_N = 10
+PERMUTATION_DRAWS = 100_000  # Monte Carlo shuffles beyond EXACT_MAX_N
+PERMUTATION_SEED = 0
 _CHUNK = 400_000  # permutations scored at once: ~32 MB of float64 for n = 10
 _EPS = 1e-12  # statistics equal up to float rounding count as "as extreme"
 
@@ -39,7 +45,7 @@ class Correlation:
     kendall: float
     kendall_p: float
     n: int
-    p_method: str  # "exact permutation" or "asymptotic"
+    p_method: str  # "exact permutation", "Monte Carlo permutation, N shuffles, seed S" or "constant sample"
 
 
 @lru_cache(maxsize=4)
@@ -115,11 +121,37 @@ def exact_p_values(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     return extreme_s / total, extreme_k / total
 
 
-def rank_correlation(x: list[float], y: list[float], exact_max_n: int = EXACT_MAX_N) -> Correlation | None:
-    """Spearman and Kendall between x and y with two-sided p-values; None below 3 pairs.
+def monte_carlo_p_values(x: np.ndarray, y: np.ndarray, draws: int = PERMUTATION_DRAWS,
+                         seed: int = PERMUTATION_SEED) -> tuple[float, float]:
+    """Two-sided permutation p-values of Spearman's rho and Kendall's tau-b from ``draws`` shuffles
+    of y (numpy's generator seeded with ``seed``): p = (hits + 1) / (draws + 1), which counts the
+    observed pairing among the draws and so is never 0 (Phipson & Smyth 2010)."""
+    from scipy.stats import rankdata
 
-    Exact permutation p-values for n <= ``exact_max_n``, scipy's asymptotic ones beyond. A
-    constant sample has no rank correlation: NaN statistic and p = 1.
+    rank_x, rank_y = rankdata(x), rankdata(y)
+    pairs = np.triu_indices(len(x), k=1)
+    sign_x = np.sign(rank_x[pairs[0]] - rank_x[pairs[1]])
+    observed_s = abs(float(_spearman_numerators(rank_x, rank_y[None, :])[0]))
+    observed_k = abs(float(_kendall_numerators(sign_x, rank_y[None, :], pairs)[0]))
+    rng = np.random.default_rng(seed)
+    hits_s = hits_k = done = 0
+    chunk = max(_CHUNK // max(len(x), 1), 1)
+    while done < draws:
+        n = min(chunk, draws - done)
+        shuffled = rng.permuted(np.broadcast_to(rank_y, (n, len(rank_y))), axis=1)
+        hits_s += int((np.abs(_spearman_numerators(rank_x, shuffled)) >= observed_s - _EPS).sum())
+        hits_k += int((np.abs(_kendall_numerators(sign_x, shuffled, pairs)) >= observed_k - _EPS).sum())
+        done += n
+    return (hits_s + 1) / (draws + 1), (hits_k + 1) / (draws + 1)
+
+
+def rank_correlation(x: list[float], y: list[float], exact_max_n: int = EXACT_MAX_N,
+                     draws: int = PERMUTATION_DRAWS, seed: int = PERMUTATION_SEED) -> Correlation | None:
+    """Spearman and Kendall between x and y with two-sided permutation p-values; None below 3 pairs.
+
+    Exact over all n! pairings for n <= ``exact_max_n``, ``draws`` seeded Monte Carlo shuffles
+    beyond (the asymptotic formulas are off at 10-20 items). A constant sample has no rank
+    correlation: NaN statistic and p = 1.
     """
     from scipy import stats
 
@@ -136,8 +168,88 @@ def rank_correlation(x: list[float], y: list[float], exact_max_n: int = EXACT_MA
     if n <= exact_max_n:
         p_rho, p_tau = exact_p_values(xa, ya)
         return Correlation(rho, p_rho, tau, p_tau, n, "exact permutation")
-    return Correlation(rho, float(stats.spearmanr(xa, ya).pvalue), tau, float(stats.kendalltau(xa, ya).pvalue),
-                       n, "asymptotic")
+    p_rho, p_tau = monte_carlo_p_values(xa, ya, draws, seed)
+    return Correlation(rho, p_rho, tau, p_tau, n, f"Monte Carlo permutation, {draws:,} shuffles, seed {seed}")
+
+
+@dataclass
+class Disagreement:
+    """Where two rankings A and B of the same items order a pair oppositely, whom does the outcome
+    follow? pairs: the number of such pairs (items tied in A or in B never disagree); sides_with_a:
+    those in which the outcome prefers what A prefers, an outcome tie counting one half; share:
+    sides_with_a / pairs (0.5 is chance); p: two-sided permutation p of |share - 1/2| with the
+    outcomes shuffled over the items; p_method as in :class:`Correlation`; pair_list: (the item A
+    prefers, the item B prefers, +1 / 0 / -1 as the outcome sides with A, ties, B)."""
+
+    pairs: int
+    sides_with_a: float
+    share: float | None
+    p: float | None
+    p_method: str
+    pair_list: list[tuple[int, int, int]]
+
+
+def _preferences(values: np.ndarray, better: str) -> np.ndarray:
+    """(n, n) matrix of +1 where item i is preferred to item j, -1 where j is, 0 for ties."""
+    diff = np.sign(values[:, None] - values[None, :])
+    return -diff if better == "lower" else diff
+
+
+def disagreement_test(a: list[float], a_better: str, b: list[float], b_better: str, outcome: list[float],
+                      exact_max_n: int = EXACT_MAX_N, draws: int = PERMUTATION_DRAWS,
+                      seed: int = PERMUTATION_SEED) -> Disagreement:
+    """The pairs (i, j) that ranking A (its figures ``a``, lower or higher better) and ranking B
+    order oppositely, and the share of them in which ``outcome`` (higher is better, e.g. mean
+    student top-1) sides with A.
+
+    Under the null that outcomes do not depend on the items, every shuffle of the outcomes over the
+    items is as likely, and each disagreeing pair then goes either way with chance 1/2 (pairs share
+    items, so they are not independent, which a binomial test would assume); the p-value is
+    P(|share* - 1/2| >= |share - 1/2|) over all n! shuffles for n <= ``exact_max_n``, else over
+    ``draws`` seeded Monte Carlo shuffles ((hits + 1) / (draws + 1)). No pair: share and p None.
+    """
+    n = len(a)
+    if not (len(b) == len(outcome) == n):
+        raise ValueError("a, b and outcome must have the same length")
+    for name, better in (("a_better", a_better), ("b_better", b_better)):
+        if better not in ("lower", "higher"):
+            raise ValueError(f"{name} must be 'lower' or 'higher', got {better!r}")
+    pref_a = _preferences(np.asarray(a, dtype=np.float64), a_better)
+    pref_b = _preferences(np.asarray(b, dtype=np.float64), b_better)
+    rows, cols = np.nonzero(np.triu((pref_a * pref_b) < 0, k=1))
+    if len(rows) == 0:
+        return Disagreement(0, 0.0, None, None, "no disagreeing pair", [])
+    sign_a = pref_a[rows, cols]  # +1: A prefers the row item
+    values = np.asarray(outcome, dtype=np.float64)
+
+    def sides(outcomes: np.ndarray) -> np.ndarray:
+        """Per row of outcomes (m, n): the count of pairs siding with A, ties counted 1/2, doubled."""
+        agree = np.sign(outcomes[:, rows] - outcomes[:, cols]) * sign_a
+        return (agree + 1).sum(axis=1)  # 2 per pair with A, 1 per tie, 0 per pair with B
+
+    observed = float(sides(values[None, :])[0])
+    total = 2.0 * len(rows)
+    distance = abs(observed - total / 2)
+    if n <= exact_max_n:
+        perms = all_permutations(n)
+        hits = sum(int((np.abs(sides(values[perms[i:i + _CHUNK]]) - total / 2) >= distance - _EPS).sum())
+                   for i in range(0, len(perms), _CHUNK))
+        p, method = hits / len(perms), "exact permutation"
+    else:
+        rng = np.random.default_rng(seed)
+        hits = done = 0
+        chunk = max(_CHUNK // max(len(rows), 1), 1)
+        while done < draws:
+            m = min(chunk, draws - done)
+            shuffled = rng.permuted(np.broadcast_to(values, (m, n)), axis=1)
+            hits += int((np.abs(sides(shuffled) - total / 2) >= distance - _EPS).sum())
+            done += m
+        p, method = (hits + 1) / (draws + 1), f"Monte Carlo permutation, {draws:,} shuffles, seed {seed}"
+    with_a = observed / 2
+    outcome_sign = np.sign(values[rows] - values[cols]) * sign_a
+    pair_list = [(int(r) if s > 0 else int(c), int(c) if s > 0 else int(r), int(o))
+                 for r, c, s, o in zip(rows, cols, sign_a, outcome_sign)]
+    return Disagreement(len(rows), with_a, with_a / len(rows), float(p), method, pair_list)
 
 
 @dataclass

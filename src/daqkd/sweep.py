@@ -14,7 +14,7 @@ from typing import Any
 
 from .metric import score_formula, variance_standard_error
 from .rundir import atomic_path
-from .stats import Correlation, Gain, friedman_test, paired_gain, rank_correlation
+from .stats import Correlation, Gain, disagreement_test, friedman_test, paired_gain, rank_correlation
 
 # Each control ranks the candidates from the teacher's predictions alone: (the ranking's figure,
 # which direction the control prefers). The score rewards CMI, so "CMI alone" prefers high CMI.
@@ -141,6 +141,34 @@ def das_differ(by_seed: dict[int, dict[str, float]], names: list[str]) -> dict[s
             "mean_span": max(means) - min(means), "median_seed_sd": spread}
 
 
+# the controls the score is tested against where they order a pair of candidates differently
+DISAGREEMENT_CONTROLS = ("teacher_accuracy", "variance")
+
+
+def disagreement(cand_rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """For each control of DISAGREEMENT_CONTROLS: the pairs of trained candidates that the score and
+    the control order oppositely, and the share in which the students (mean final top-1 over
+    seeds) side with the score, with its permutation p (stats.disagreement_test). The direct test
+    of "the metric adds something beyond the control"; a control the ranking lacks is left out."""
+    out: dict[str, Any] = {}
+    score_better = CONTROLS["score"][1]
+    for name in DISAGREEMENT_CONTROLS:
+        key, better = CONTROLS[name]
+        rows = [r for r in cand_rows if r.get(key) is not None and not math.isnan(r[key])]
+        if len(rows) < len(cand_rows) or len(rows) < 2:
+            continue
+        test = disagreement_test([r["score"] for r in rows], score_better, [r[key] for r in rows], better,
+                                 [r["top1"] for r in rows])
+        sides = {1: "score", 0: "tie", -1: name}
+        out[name] = {
+            "pairs": test.pairs, "students_side_with_score": test.sides_with_a, "share": test.share, "p": test.p,
+            "p_method": test.p_method, "candidates": len(rows),
+            "pair_list": [{"score_prefers": rows[i]["name"], "control_prefers": rows[j]["name"],
+                           "students_side_with": sides[o]} for i, j, o in test.pair_list],
+        }
+    return out
+
+
 def _corr_dict(corr: Correlation | None, better: str | None = None) -> dict[str, Any] | None:
     if corr is None:
         return None
@@ -220,6 +248,7 @@ def analyze(ranking: dict[str, Any], runs: list[dict[str, Any]], candidates: lis
     agreement = correlation([c["score"] for c in swept], [c["teacher_accuracy"] for c in swept])
     trained = [*candidates, *([default] if default is not None and default not in candidates else [])]
     analysis = {"candidates": rows, "summary": summary, "default": default, "controls": controls, "gain": gain,
+                "disagreement": disagreement(cand_rows),
                 "das_differ": das_differ(by_seed, trained),
                 "score_formula": score_formula(score_kind, cmi_weight),
                 "sample_score_formula": score_formula("sample", cmi_weight),
@@ -290,6 +319,23 @@ def verdict_lines(analysis: dict[str, Any], picks: dict[str, str | None]) -> tup
         sc, ta = ctrl["score"], ctrl["teacher_accuracy"]
         lines.append(f"Against student top-1: score Spearman {sc['spearman']:+.3f} (p {sc['spearman_p']:.3g}), teacher "
                      f"accuracy {ta['spearman']:+.3f} (p {ta['spearman_p']:.3g}), {sc['p_method']} p-values.")
+    for name, test in analysis.get("disagreement", {}).items():
+        label = control_label(name, analysis)
+        if test["pairs"] == 0:
+            lines.append(f"The score and {label} order every pair of trained candidates alike: no pair can tell "
+                         "them apart.")
+            continue
+        follow = ("the score" if test["share"] > 0.5 else label if test["share"] < 0.5 else "neither")
+        significant = test["p"] < 0.05 and test["share"] != 0.5
+        lines.append(
+            f"Where the score and {label} disagree ({test['pairs']} pairs of candidates), the students side with the "
+            f"score in {test['students_side_with_score']:g} ({100 * test['share']:.0f} %): p {test['p']:.3g} "
+            f"({test['p_method']}); " + (f"the students follow {follow}." if significant else
+                                         f"{'they lean to ' + follow if follow != 'neither' else 'an even split'}, "
+                                         "within noise."))
+        if test["pairs"] < 5:
+            warnings.append(f"only {test['pairs']} pair(s) where the score and {label} disagree: too few to "
+                            "credit either")
     differ = analysis.get("das_differ")
     if differ is not None:
         lines.append(
@@ -410,6 +456,37 @@ def _gain_line(name: str, gain: dict[str, Any] | None) -> str:
     return f"| {name} | {gain['mean']:+.2f} | {interval} | {gain['seeds']} | {diffs} |"
 
 
+def _disagreement_section(analysis: dict[str, Any]) -> list[str]:
+    """report.md's disagreement test: one row per control, then the pairs themselves."""
+    tests = analysis.get("disagreement") or {}
+    if not tests:
+        return []
+    lines = [
+        "## Where the score and a control disagree, whom do the students follow?",
+        "",
+        ("Every pair of trained candidates that the score and the control order oppositely. `with the score`: the "
+         "pairs in which the students (mean final top-1 over seeds) prefer what the score prefers, a tie counting "
+         "one half; 50 % is chance. Two-sided permutation p of |share - 50 %|, the students' means shuffled over "
+         "the candidates (exact for n <= 10, seeded Monte Carlo beyond)."),
+        "",
+        "| control | candidates | pairs that disagree | with the score | share | p | p-values |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, t in tests.items():
+        share = "n/a" if t["share"] is None else f"{100 * t['share']:.0f} %"
+        p = "n/a" if t["p"] is None else f"{t['p']:.3g}"
+        lines.append(f"| {control_label(name, analysis)} | {t['candidates']} | {t['pairs']} | "
+                     f"{t['students_side_with_score']:g} | {share} | {p} | {t['p_method']} |")
+    for name, t in tests.items():
+        if t["pair_list"]:
+            lines += ["", f"Pairs where the score and {control_label(name, analysis)} disagree:", "",
+                      "| score prefers | control prefers | students side with |", "|---|---|---|"]
+            lines += [f"| {q['score_prefers']} | {q['control_prefers']} | {q['students_side_with']} |"
+                      for q in t["pair_list"]]
+    lines.append("")
+    return lines
+
+
 def report_markdown(analysis: dict[str, Any], meta: dict[str, Any]) -> str:
     """report.md: the setting, the verdict with its warnings, every control's correlation, the
     gains over the default and the median candidate, the picks and every DA's figures."""
@@ -436,7 +513,7 @@ def report_markdown(analysis: dict[str, Any], meta: dict[str, Any]) -> str:
             "student top-1 (mean over seeds). `better` is the direction the figure prefers: a figure that predicts "
             "accuracy correlates negatively when lower is better, positively when higher is better (`direction`; "
             "`none` for rho 0). "
-            "Two-sided p-values, exact over all n! pairings for n <= 10."
+            "Two-sided permutation p-values, exact over all n! pairings for n <= 10, seeded Monte Carlo beyond."
         ),
         "",
         "| figure | better | Spearman rho | p | Kendall tau | p | p-values | direction |",
@@ -447,6 +524,7 @@ def report_markdown(analysis: dict[str, Any], meta: dict[str, Any]) -> str:
             if name in analysis["controls"]
         ],
         "",
+        *_disagreement_section(analysis),
         "## Gain of the metric's pick",
         "",
         (
