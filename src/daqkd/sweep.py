@@ -328,8 +328,9 @@ def verdict_lines(analysis: dict[str, Any], picks: dict[str, str | None]) -> tup
         follow = ("the score" if test["share"] > 0.5 else label if test["share"] < 0.5 else "neither")
         significant = test["p"] < 0.05 and test["share"] != 0.5
         lines.append(
-            f"Where the score and {label} disagree ({test['pairs']} pairs of candidates), the students side with the "
-            f"score in {test['students_side_with_score']:g} ({100 * test['share']:.0f} %): p {test['p']:.3g} "
+            f"Where the score and {label} disagree ({test['pairs']} pair{'' if test['pairs'] == 1 else 's'} of "
+            f"candidates), the students side with the score in {test['students_side_with_score']:g} "
+            f"({100 * test['share']:.0f} %): p {test['p']:.3g} "
             f"({test['p_method']}); " + (f"the students follow {follow}." if significant else
                                          f"{'they lean to ' + follow if follow != 'neither' else 'an even split'}, "
                                          "within noise."))
