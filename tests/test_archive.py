@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +61,46 @@ def test_stored_members_are_memory_mapped_and_equal_compressed(tmp_path: Path) -
     for split in ("train", "test"):
         a, b = load_array_archive(stored, split, 4), load_array_archive(packed, split, 4)
         assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+
+
+def _npy_bytes(array: np.ndarray, declared_shape: tuple[int, ...] | None = None) -> bytes:
+    """A .npy file of ``array``, its header declaring ``declared_shape`` when given."""
+    out = io.BytesIO()
+    header = {"descr": np.lib.format.dtype_to_descr(array.dtype), "fortran_order": False,
+              "shape": declared_shape or array.shape}
+    np.lib.format.write_array_header_1_0(out, header)
+    out.write(np.ascontiguousarray(array).tobytes())
+    return out.getvalue()
+
+
+def test_a_stored_member_whose_header_declares_more_images_than_it_holds(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The memmap would read the 12 missing images out of the zip bytes that follow x_train."""
+    path = tmp_path / "short.npz"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr("x_train.npy", _npy_bytes(_images(18), declared_shape=(30, 8, 8, 3)))
+        archive.writestr("y_train.npy", _npy_bytes(np.arange(30) % 3))
+        archive.writestr("x_test.npy", _npy_bytes(_images(6)))
+        archive.writestr("y_test.npy", _npy_bytes(np.arange(6) % 3))
+    assert main(["eval", str(tmp_path / "run"), "--data", str(path), "--split", "train"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("daqkd: error: ") and "cannot read x_train" in err[0], err
+    assert "declares shape (30, 8, 8, 3)" in err[0] and "holds 3,584 bytes" in err[0], err  # 128 + 18 * 192
+
+
+def test_a_stored_member_with_a_bad_crc_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = make_archive(tmp_path / "s.npz", compressed=False)
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo("x_train.npy")
+    raw = bytearray(path.read_bytes())
+    name_length, extra_length = int.from_bytes(raw[info.header_offset + 26:info.header_offset + 28], "little"), \
+        int.from_bytes(raw[info.header_offset + 28:info.header_offset + 30], "little")
+    last_pixel = info.header_offset + 30 + name_length + extra_length + info.file_size - 1
+    raw[last_pixel] ^= 0xFF  # one pixel of the last image: the header and the shape stay valid
+    path.write_bytes(bytes(raw))
+    assert main(["eval", str(tmp_path / "run"), "--data", str(path), "--split", "train"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot read x_train" in err[0] and "do not match the archive's CRC-32" in err[0], err
 
 
 def test_gray_images_keras_label_shape_and_default_class_names(tmp_path: Path) -> None:

@@ -15,10 +15,12 @@ array order (archives).
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 import warnings
 import zipfile
+import zlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -279,6 +281,21 @@ def _read_member(path: Path, archive: np.lib.npyio.NpzFile, key: str, mmap: bool
         raise DaqkdError(f"{path}: cannot read {key} ({_first_line(exc)}): is the file complete?") from exc
 
 
+def _check_member_crc(path: Path, data_start: int, info: zipfile.ZipInfo) -> None:
+    """Raise ValueError unless the stored member's bytes match the CRC-32 the zip records: a memmap
+    skips the check zipfile makes on every read. Streams the member once (~0.1 s per 150 MB)."""
+    crc, left = 0, info.file_size
+    with open(path, "rb") as f:
+        f.seek(data_start)
+        while left:
+            chunk = f.read(min(left, 1 << 24))
+            if not chunk:
+                raise EOFError(f"the member ends {left:,} bytes early")
+            crc, left = zlib.crc32(chunk, crc), left - len(chunk)
+    if crc != info.CRC:
+        raise ValueError(f"its bytes do not match the archive's CRC-32 ({crc:08x}, recorded {info.CRC:08x})")
+
+
 def _memmap_member(path: Path, info: zipfile.ZipInfo) -> np.ndarray | None:
     """A read-only memmap of an uncompressed ``.npy`` member of a zip file, or None if compressed.
 
@@ -300,6 +317,12 @@ def _memmap_member(path: Path, info: zipfile.ZipInfo) -> np.ndarray | None:
         offset = f.tell()
     if dtype.hasobject:
         raise ValueError("Object arrays cannot be loaded when allow_pickle=False")
+    data_start = info.header_offset + 30 + name_length + extra_length
+    declared = (offset - data_start) + math.prod(shape) * dtype.itemsize
+    if declared != info.file_size:  # a header that declares more (or fewer) items than the member holds
+        raise ValueError(f"its header declares shape {tuple(shape)} ({declared:,} bytes with the header) but the "
+                         f"member holds {info.file_size:,} bytes")
+    _check_member_crc(path, data_start, info)
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran_order else "C")
 
 
