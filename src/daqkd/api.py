@@ -26,14 +26,14 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Self, TypeVar
+from typing import Any, NamedTuple, Self, TypeVar
 
 import torch
 
 from .augment import check_candidate, parse_candidates
 from .augment.custom import PerImageDA
 from .checkpoint import RESUME_STATE_REMEDY, damaged_metadata, read_checkpoint, resolve_checkpoint
-from .data import ImageSet, image_set_from_dataset, load_data
+from .data import ImageSet, image_set_from_dataset, load_data, split_validation
 from .distill import DistillConfig, DistillTask, create_loss
 from .errors import DaqkdError
 from .loading import flag_as_field, load_model, load_state_dict_strict, model_size_bytes
@@ -64,6 +64,14 @@ from .train import TrainConfig, Trainer
 from .train import evaluate as evaluate_model
 
 Options = TypeVar("Options", bound="DataOptions")
+
+
+class RunData(NamedTuple):
+    """The images a training run reads: ``val`` is None without ``--val-per-class``."""
+
+    train: ImageSet
+    test: ImageSet
+    val: ImageSet | None = None
 
 
 class CommandOptions:
@@ -122,7 +130,10 @@ class TrainOptions(DataOptions):
     Schedules are cosine to 0 after ``warmup_epochs``; ``eval_every`` tests every N epochs and
     after the last; ``train_limit_per_class`` limits the train split only (data-limited runs);
     ``augment_workers`` CPU processes augment batches ahead of the step (the same pixels);
-    ``compile`` runs the step's forward and backward as compiled graphs (no graph breaks).
+    ``compile`` runs the step's forward and backward as compiled graphs (no graph breaks);
+    ``val_per_class`` holds K images of each class out of the train split (drawn by ``val_seed``,
+    default ``seed``) and reports their top-1 as ``val_top1`` beside the test figures;
+    ``stop_at_epoch`` stops after that epoch of the ``epochs``-long schedule (``resume`` goes on).
     """
 
     out: str | None = None
@@ -140,6 +151,9 @@ class TrainOptions(DataOptions):
     augment_workers: int = 0
     compile: bool = False
     train_limit_per_class: int | None = None
+    val_per_class: int | None = None
+    val_seed: int | None = None
+    stop_at_epoch: int | None = None
     resume: bool = False
     no_progress: bool = False
 
@@ -147,6 +161,11 @@ class TrainOptions(DataOptions):
         for name in ("epochs", "batch_size", "eval_every"):
             if getattr(self, name) < 1:
                 raise DaqkdError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.val_per_class is not None and self.val_per_class < 1:
+            raise DaqkdError(f"--val-per-class must be at least 1, got {self.val_per_class}")
+        if self.stop_at_epoch is not None and not 1 <= self.stop_at_epoch <= self.epochs:
+            raise DaqkdError(f"--stop-at-epoch must be an epoch of the schedule, 1 to --epochs {self.epochs}, "
+                             f"got {self.stop_at_epoch}")
         if self.augment_workers < 0:
             raise DaqkdError(f"--augment-workers must be 0 (augment in the training process) or more, got "
                              f"{self.augment_workers}")
@@ -155,11 +174,21 @@ class TrainOptions(DataOptions):
             momentum=self.momentum, weight_decay=self.weight_decay, quant_lr=quant_lr,
             warmup_epochs=self.warmup_epochs, seed=self.seed, save_every=self.save_every,
             eval_every=self.eval_every, amp=not self.no_amp, augment_workers=self.augment_workers,
-            compile=self.compile,
+            compile=self.compile, stop_at_epoch=self.stop_at_epoch,
         )
 
-    def load_train_test(self) -> tuple[ImageSet, ImageSet]:
-        return self.load("train", self.train_limit_per_class), self.load("test")
+    def load_splits(self) -> RunData:
+        """The run's images: train (less the validation images, then ``train_limit_per_class``),
+        test, and the validation split when ``val_per_class`` is set."""
+        if self.val_per_class is None:
+            return RunData(self.load("train", self.train_limit_per_class), self.load("test"))
+        train, val = split_validation(self.load("train"), self.val_per_class, self.validation_seed,
+                                      self.train_limit_per_class)
+        return RunData(train, self.load("test"), val)
+
+    @property
+    def validation_seed(self) -> int:
+        return self.seed if self.val_seed is None else self.val_seed
 
 
 @dataclass
@@ -184,7 +213,9 @@ class StudentOptions(TrainOptions):
     ``ewgs_hessian_batches`` batches with ``ewgs_hessian_probes`` probes each) and distilled with
     loss ``kd`` (CE weight ``gamma``, KD weight ``alpha``, ``temperature``; feature losses: weight
     ``beta``, comma-separated module names ``kd_layers``). ``aug`` "auto" ranks ``augs`` with the
-    teacher and trains with the top one. Published teacher weights need ``normalize`` and
+    teacher and trains with the top one; "race" races ``augs`` and ``none`` on the validation split
+    (``val_per_class``; rungs ``rungs``, ``keep`` going on, :mod:`daqkd.race`) in RUN/race and
+    keeps the winner's run as RUN. Published teacher weights need ``normalize`` and
     ``teacher_arch`` (default ``arch``).
     """
 
@@ -210,6 +241,8 @@ class StudentOptions(TrainOptions):
     kd_layers: str | None = None
     augs: str = "all"
     quant_lr: float = 1e-5
+    rungs: str = "1/9,1/3,1"
+    keep: str = "1/3"
     aug: str | None = "auto"
     optimizer: str = "adam"
     lr: float = 1e-3
@@ -240,9 +273,11 @@ class SweepOptions(StudentOptions):
     ``jobs`` students train at once in their own processes (default: one per device of ``devices``,
     else 1), placed round-robin on ``devices`` (``"0,1"`` or ``"cuda:0,cuda:1"``; default: ``device``);
     ``shard`` ``"K/N"`` trains only every N-th student from the K-th (one sweep per node sharing
-    ``out``); ``report_only`` rebuilds the outputs."""
+    ``out``); ``report_only`` rebuilds the outputs; ``race`` races the candidates on the
+    validation split instead of training all of them (``rungs``, ``keep``; :mod:`daqkd.race`)."""
 
     aug: str | None = None
+    race: bool = False
     seeds: int = 1
     default: str | None = None
     controls: str = "basic"
@@ -325,7 +360,8 @@ def data_statistics(data: ImageSet) -> Normalization:
 
 # Options a resumed run takes from the command that resumes it; every other option comes from
 # RUN/config.json, and giving it another value with --resume is an error naming it.
-RESUME_KEEPS = ("resume", "out", "no_progress", "device", "save_every", "eval_every", "augment_workers")
+RESUME_KEEPS = ("resume", "out", "no_progress", "device", "save_every", "eval_every", "augment_workers",
+                "stop_at_epoch")
 # Stored paths relative to the directory the run started in (config.json's cwd).
 PATH_OPTIONS = ("data", "data_root", "teacher", "init", "weights")
 
@@ -400,7 +436,7 @@ def write_run_config(options: Options, run: Path, command: str) -> None:
                                               "cwd": os.getcwd()})
 
 
-def train_run(options: TrainOptions, command: str, data: tuple[ImageSet, ImageSet] | None,
+def train_run(options: TrainOptions, command: str, data: RunData | tuple[ImageSet, ...] | None,
               build: Any) -> Trainer:
     """The run path teacher and student share: check the options, load the data, let ``build(options,
     train, device, run)`` make (model, loss, aug, metadata, teacher, quantizer LR), build the Trainer,
@@ -411,7 +447,7 @@ def train_run(options: TrainOptions, command: str, data: tuple[ImageSet, ImageSe
     config = options.train_config(options.aug or "none")  # checks epochs, batch size, eval_every
     device = select_device(options.device)
     torch.manual_seed(options.seed)
-    train, test = data if data is not None else options.load_train_test()
+    train, test, val = RunData(*data) if data is not None else options.load_splits()
     if not options.resume:  # what a run killed before its first state left: this run starts over
         for stale in (run / METRICS_FILE, run / RANK_FILE):
             stale.unlink(missing_ok=True)
@@ -420,7 +456,7 @@ def train_run(options: TrainOptions, command: str, data: tuple[ImageSet, ImageSe
         model, loss, aug, metadata, teacher, quant_lr = build(options, train, device, run)
         config = replace(config, aug=aug, quant_lr=quant_lr)
         trainer = Trainer(model, loss, train, test, config, run, device, metadata,
-                          teacher=teacher, progress=not options.no_progress)
+                          teacher=teacher, progress=not options.no_progress, val_data=val)
     except DaqkdError:
         if not existed and is_main_process():  # all it holds is this command's (a ranking at most)
             shutil.rmtree(run, ignore_errors=True)
@@ -457,9 +493,9 @@ def _build_teacher(options: TeacherOptions, train: ImageSet, device: torch.devic
     return model, loss, options.aug or "none", metadata, None, 1e-5
 
 
-def train_teacher(options: TeacherOptions, data: tuple[ImageSet, ImageSet] | None = None) -> Trainer:
+def train_teacher(options: TeacherOptions, data: RunData | tuple[ImageSet, ...] | None = None) -> Trainer:
     """Train or fine-tune a full-precision model into ``options.out``; returns the finished Trainer
-    (``best_top1``, ``history``). ``data`` = (train, test) already loaded, else from the options."""
+    (``best_top1``, ``history``). ``data`` = (train, test[, val]) already loaded, else from the options."""
     if options.arch is None and not options.resume:
         raise DaqkdError("pass --arch (the teacher's architecture)")
     return train_run(options, "teacher", data, _build_teacher)
@@ -507,13 +543,39 @@ def _build_student(options: StudentOptions, train: ImageSet, device: torch.devic
     return model, loss, aug, metadata, teacher, options.quant_lr
 
 
-def train_student(options: StudentOptions, data: tuple[ImageSet, ImageSet] | None = None) -> Trainer:
+def train_student(options: StudentOptions, data: RunData | tuple[ImageSet, ...] | None = None) -> Trainer:
     """QAT + KD of a low-bit student into ``options.out``; returns the finished Trainer."""
     if options.teacher is None and not options.resume:
         raise DaqkdError("pass --teacher RUN (the teacher's run directory or checkpoint)")
     if not options.resume:
         options.quant_config()  # bits, method, --first-last, --ewgs-delta: before anything is loaded
+    if options.aug == "race" and options.out is not None and not (Path(options.out) / CONFIG_FILE).is_file():
+        return _race_student(options, data)
     return train_run(options, "train", data, _build_student)
+
+
+def _race_student(options: StudentOptions, data: RunData | tuple[ImageSet, ...] | None) -> Trainer:
+    """`daqkd train --aug race`: race ``augs`` and the default (one seed, ``options.seed``) in
+    RUN/race, copy the winner's run into RUN, and return it (resumed: nothing left to train).
+    Rerunning the command continues an interrupted race."""
+    from .sweep_runner import run_sweep as sweep
+
+    run = Path(options.out)  # type: ignore[arg-type]  (checked by the caller)
+    check_output(run, "directory")
+    race_dir = run / "race"
+    sweep_options = SweepOptions(**{**{f.name: getattr(options, f.name) for f in fields(StudentOptions)},
+                                    "aug": None, "race": True, "seeds": 1, "out": str(race_dir), "resume": False,
+                                    "stop_at_epoch": None})
+    report = sweep(sweep_options)
+    winner = report["winner"]["aug"]
+    source = race_dir / "runs" / f"{winner}-seed{options.seed}"
+    if is_main_process():
+        for item in source.iterdir():
+            if item.is_file():
+                shutil.copy2(item, run / item.name)
+        print(f"daqkd train --aug race: {winner} won; its run is copied into {run} (the race in {race_dir})",
+              flush=True)
+    return train_run(replace(options, aug=winner, resume=True, stop_at_epoch=None), "train", data, _build_student)
 
 
 def rank_augmentations(options: RankOptions, progress: Any = None, *, custom: Sequence[PerImageDA] = (),

@@ -32,6 +32,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_image, read_file
 
 from .errors import DaqkdError
+from .runtime import mix_seed
 
 # torchvision 0.29 deprecates its image codecs in favour of TorchCodec, which needs FFmpeg; the
 # pinned release still ships them and they decode ~3x faster than PIL here.
@@ -115,6 +116,47 @@ def limit_indices(labels: Sequence[int], limit_per_class: int | None) -> list[in
             seen[y] = seen.get(y, 0) + 1
             keep.append(i)
     return keep
+
+
+def subset(data: ImageSet, indices: Sequence[int], source: str | None = None) -> ImageSet:
+    """The images and labels at ``indices`` (in that order), the same classes."""
+    index = torch.as_tensor(list(indices), dtype=torch.int64)
+    images = data.images[index] if isinstance(data.images, torch.Tensor) else [data.images[i] for i in index.tolist()]
+    return ImageSet(images, data.labels[index], data.classes, source or data.source)
+
+
+# the stream of the validation draw, apart from every other use of the seed (a run's epochs, its batches)
+VALIDATION_STREAM = 0x76616C
+
+
+def split_validation(data: ImageSet, per_class: int, seed: int,
+                     train_limit_per_class: int | None = None) -> tuple[ImageSet, ImageSet]:
+    """(train, validation): ``per_class`` images of each class drawn at random (seeded by ``seed``
+    alone, so every run with that seed holds out the same images) out of the training split, and
+    the rest, in their original order, of which ``train_limit_per_class`` keeps the first K per
+    class (a data-limited run trains on the first K images the validation split left).
+
+    A held-out split is what a selection may be tuned on: the test split stays unseen by every
+    decision (the racing sweep, Jamieson & Talwalkar 2016)."""
+    if per_class < 1:
+        raise DaqkdError(f"--val-per-class must be at least 1, got {per_class}")
+    generator = torch.Generator().manual_seed(mix_seed(seed, VALIDATION_STREAM))
+    order = torch.randperm(len(data), generator=generator)
+    labels = data.labels[order]
+    held: list[int] = []
+    counts = torch.bincount(data.labels, minlength=data.num_classes)
+    for k in range(data.num_classes):
+        if counts[k] <= per_class:
+            raise DaqkdError(f"--val-per-class {per_class} leaves class {data.classes[k]!r} ({int(counts[k])} training "
+                             f"images) nothing to train on: use at most {int(counts.min()) - 1}")
+        held.extend(order[labels == k][:per_class].tolist())
+    held.sort()
+    held_set = set(held)
+    rest = [i for i in range(len(data)) if i not in held_set]
+    if train_limit_per_class is not None:
+        rest = [rest[i] for i in limit_indices(data.labels[rest].tolist(), train_limit_per_class)]
+    return (subset(data, rest, data.source),
+            subset(data, held, f"{data.source} (validation: {per_class} per class, seed {seed})"))
 
 
 def find_classes(split_dir: Path) -> list[str]:

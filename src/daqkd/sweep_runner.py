@@ -29,6 +29,7 @@ import torch
 from .api import (
     HESSIAN_OPTIONS,
     LEGACY_HESSIAN_SAMPLE,
+    RunData,
     StudentOptions,
     SweepOptions,
     legacy_hessian_sample,
@@ -37,7 +38,6 @@ from .api import (
     uses_hessian_delta,
 )
 from .augment import check_candidate, parse_candidates
-from .data import ImageSet
 from .errors import DaqkdError
 from .rank import rank_and_save
 from .rundir import (
@@ -119,7 +119,7 @@ def _start_worker(slots: Any) -> None:
     _device_slots = slots
 
 
-def train_in_process(task: tuple[int, StudentOptions, tuple[ImageSet, ImageSet], int]) -> tuple[int, float, str]:
+def train_in_process(task: tuple[int, StudentOptions, RunData, int]) -> tuple[int, float, str]:
     """Train one student in a worker process on a free device slot, its output in RUN/train.log.
 
     task: (index, run arguments, data, CPU threads); returns (index, wall seconds, error or "").
@@ -174,13 +174,13 @@ class _StudentContext(multiprocessing.context.SpawnContext):
     Process = _StudentProcess
 
 
-def run_in_processes(pending: list[StudentOptions], data: tuple[ImageSet, ImageSet], jobs: int,
+def run_in_processes(pending: list[StudentOptions], data: RunData, jobs: int,
                      record: Callable[[StudentOptions, float], None], devices: list[str]) -> None:
     """Train ``pending`` students, ``jobs`` at a time, each in a fresh spawned process (CUDA-safe),
     placed round-robin on ``devices`` (:func:`device_slots`); the images reach the workers through
     shared memory, not a reload per student. On an error or Ctrl-C every worker stops; the finished
     runs and the others' last checkpoints stay."""
-    for split in data:
+    for split in (split for split in data if split is not None):
         if isinstance(split.images, torch.Tensor):
             split.images.share_memory_()
         split.labels.share_memory_()
@@ -214,11 +214,27 @@ def run_in_processes(pending: list[StudentOptions], data: tuple[ImageSet, ImageS
             signal.signal(signal.SIGINT, previous)
 
 
+def train_students(pending: list[StudentOptions], data: RunData, jobs: int, devices: list[str],
+                   record: Callable[[StudentOptions, float], None], label: Callable[[StudentOptions], str]) -> None:
+    """Train ``pending``: ``jobs`` at a time in processes (:func:`run_in_processes`), or one after
+    another in this one (each announced as ``-- label``); ``record(run, wall seconds)`` after each."""
+    if jobs > 1 and pending:
+        run_in_processes(pending, data, jobs, record, devices)
+        return
+    for run_args in pending:
+        if is_main_process():
+            print(f"-- {label(run_args)}{' resuming' if run_args.resume else ''}", flush=True)
+        started = time.perf_counter()
+        train_student(run_args, data)
+        record(run_args, time.perf_counter() - started)
+
+
 # The options that make two students comparable: a sweep refuses to mix runs that differ in any.
 COMPARED_OPTIONS = ("teacher", "teacher_arch", "normalize", "arch", "init", "method", "w_bits", "a_bits",
                     "per_channel", "first_last", "ewgs_delta", *HESSIAN_OPTIONS, "kd", "gamma", "alpha",
                     "temperature", "beta", "kd_layers", "quant_lr",
-                    "data", "dataset", "limit_per_class", "train_limit_per_class", "epochs", "batch_size",
+                    "data", "dataset", "limit_per_class", "train_limit_per_class", "val_per_class", "val_seed",
+                    "epochs", "batch_size",
                     "optimizer", "lr", "momentum", "weight_decay", "warmup_epochs", "no_amp", "compile")
 PATH_OPTIONS = ("teacher", "init", "data")
 DEFAULT_DA = "none"
@@ -370,6 +386,10 @@ def report_only(args: SweepOptions) -> dict[str, Any]:
 def run_sweep(args: SweepOptions) -> dict[str, Any]:
     """Rank, train every pending student (resuming a killed one, skipping finished ones), write the
     outputs after every run; the final analysis."""
+    if args.race:
+        from .race import check_race_options
+
+        check_race_options(args)
     if args.report_only:
         return report_only(args)
     if args.out is None:
@@ -378,6 +398,10 @@ def run_sweep(args: SweepOptions) -> dict[str, Any]:
         raise DaqkdError("pass --teacher RUN (the teacher's run directory or checkpoint)")
     check_output(args.out, "directory")
     args.student().quant_config()
+    if args.stop_at_epoch is not None:
+        raise DaqkdError("stop_at_epoch is for one run: a sweep's students train the whole schedule (a race stops "
+                         "them at its rungs)")
+    args.train_config(args.default or DEFAULT_DA)  # epochs, batch size, --val-per-class: before --out is made
     if args.seeds < 1:
         raise DaqkdError(f"--seeds must be at least 1, got {args.seeds}")
     if args.devices is not None and args.device != "auto":
@@ -400,14 +424,16 @@ def run_sweep(args: SweepOptions) -> dict[str, Any]:
     if (out / "results.json").is_file():
         with contextlib.suppress(OSError, ValueError, KeyError):
             stored_sweep = json.loads((out / "results.json").read_text())["config"]
-    args = dataclasses.replace(args, default=args.default or (stored_sweep or {}).get("default") or DEFAULT_DA)
+    args = dataclasses.replace(args, default=args.default or (stored_sweep or {}).get("default") or DEFAULT_DA,
+                               # every student holds out the same validation images: the sweep's seed draws them
+                               val_seed=args.validation_seed if args.val_per_class is not None else None)
     check_candidate(args.default, "--default")
     check_same_configuration(out, args, stored_sweep)
     init_distributed()
     out.mkdir(parents=True, exist_ok=True)
     device = select_device(devices[0])
-    data = args.load_train_test()
-    train, _ = data
+    data = args.load_splits()
+    train = data.train
     main = is_main_process()
 
     rank_file = out / RANK_FILE
@@ -422,6 +448,10 @@ def run_sweep(args: SweepOptions) -> dict[str, Any]:
     command = "daqkd " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     seeds = [args.seed + i for i in range(args.seeds)]
     ordered = training_order(names, ranking, args.default)
+    if args.race:
+        from .race import run_race
+
+        return run_race(args, out, ranking, ordered, seeds, data, jobs, devices)
     total = len(ordered) * len(seeds)
     config = dataclasses.asdict(args)
     meta = {"title": sweep_title(ranking.get("images", len(train)), args), "device": str(device), "command": command}
@@ -467,15 +497,8 @@ def run_sweep(args: SweepOptions) -> dict[str, Any]:
             print(f"{run.name} finished: top-1 {done['top1']:.2f}% ({len(results)}/{total})", flush=True)
             outputs.publish(results, total)
 
-    if jobs > 1 and pending:
-        run_in_processes(pending, data, jobs, record, devices)
-    for run_args in pending if jobs == 1 else []:
-        if main:
-            print(f"-- {Path(run_args.out).name} ({len(results) + 1}/{total})"
-                  f"{' resuming' if run_args.resume else ''}", flush=True)
-        started = time.perf_counter()
-        train_student(run_args, data)
-        record(run_args, time.perf_counter() - started)
+    train_students(pending, data, jobs, devices, record,
+                   lambda run_args: f"{Path(run_args.out).name} ({len(results) + 1}/{total})")
     results = finished_runs()
     analysis = outputs.publish(results, total) if main else {}
     if main:

@@ -53,6 +53,7 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast for training steps on CUDA (evaluation is always float32)
     augment_workers: int = 0  # augment batches ahead in this many CPU worker processes (0: in the step's process)
     compile: bool = False  # the step's forward and backward as one torch.compile graph each (fullgraph)
+    stop_at_epoch: int | None = None  # stop after this epoch of the schedule (evaluated there); resume goes on
 
 
 def cosine_with_warmup(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
@@ -240,6 +241,7 @@ class Trainer:
     teacher: nn.Module | None = None
     progress: bool = True
     on_step: Callable[[int], None] | None = None  # called after every optimizer step (tests)
+    val_data: ImageSet | None = None  # held out of the train split: evaluated with the test split, picks best
     epoch: int = 0
     step_in_epoch: int = 0
     global_step: int = 0
@@ -394,14 +396,25 @@ class Trainer:
         return True
 
     # -- loop ----------------------------------------------------------------------------------
+    @property
+    def last_epoch(self) -> int:
+        """The epoch this process trains to: ``config.epochs``, or ``stop_at_epoch`` before it."""
+        stop = self.config.stop_at_epoch
+        return self.config.epochs if stop is None else min(stop, self.config.epochs)
+
+    @property
+    def selection_split(self) -> str:
+        """The split whose top-1 picks RUN/best: the validation split if the run holds one out."""
+        return "val" if self.val_data is not None else "test"
+
     def fit(self) -> dict[str, Any]:
-        """Train until ``config.epochs``; returns the last epoch's metrics."""
+        """Train until ``config.epochs`` (or ``stop_at_epoch``); returns the last epoch's metrics."""
         if is_main_process() and self.writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
         last: dict[str, Any] = self.history[-1] if self.history else {}
-        while self.epoch < self.config.epochs:
+        while self.epoch < self.last_epoch:
             last = self._train_epoch()
         if self.writer is not None:
             self.writer.close()
@@ -458,13 +471,17 @@ class Trainer:
         seconds = self.epoch_seconds + time.perf_counter() - start
         self._epoch_start = None
         # the test pass costs as much as 2 epochs of a data-limited run: --eval-every skips it
-        evaluated = (epoch + 1) % max(1, config.eval_every) == 0 or epoch + 1 == config.epochs
+        evaluated = (epoch + 1) % max(1, config.eval_every) == 0 or epoch + 1 in (config.epochs, self.last_epoch)
         metrics = evaluate(self.model, self.test_data, self.device, config.eval_batch_size) if evaluated else {}
+        held_out = (evaluate(self.model, self.val_data, self.device, config.eval_batch_size)
+                    if evaluated and self.val_data is not None else None)
         record = {
             "epoch": epoch + 1, "step": self.global_step,
             **{f"train_{k}": v / max(seen, 1) for k, v in sums.items()},
             **({"test_top1": metrics["top1"], "test_top5": metrics["top5"], "test_loss": metrics["loss"]}
                if evaluated else {}),
+            **({"val_top1": held_out["top1"], "val_top5": held_out["top5"], "val_loss": held_out["loss"]}
+               if held_out is not None else {}),
             "lr": self.optimizers[0][0].param_groups[0]["lr"], "seconds": seconds,
             "images_per_s": seen / max(seconds, 1e-9),
         }
@@ -473,16 +490,22 @@ class Trainer:
         if is_main_process():
             append_history(self.run_dir, record)
             if self.writer is not None and evaluated:
-                for k in ("test_top1", "test_top5", "test_loss"):
-                    self.writer.add_scalar(k.replace("_", "/", 1), record[k], epoch + 1)
+                for k in ("test_top1", "test_top5", "test_loss", "val_top1", "val_top5", "val_loss"):
+                    if k in record:
+                        self.writer.add_scalar(k.replace("_", "/", 1), record[k], epoch + 1)
             meta = {**self.metadata, "epoch": epoch + 1, "test_top1": metrics.get("top1"),
-                    "test_top5": metrics.get("top5")}
+                    "test_top5": metrics.get("top5"),
+                    **({"val_top1": held_out["top1"]} if held_out is not None else {})}
             save_checkpoint(self.run_dir / LAST_FILE, self.model.model, meta)
-            if evaluated and metrics["top1"] > self.best_top1:
-                self.best_top1 = metrics["top1"]
+            # with a validation split the best epoch is chosen on it: no choice reads the test split
+            chosen_by = held_out if held_out is not None else metrics
+            if evaluated and chosen_by["top1"] > self.best_top1:
+                self.best_top1 = chosen_by["top1"]
                 save_checkpoint(self.run_dir / BEST_FILE, self.model.model, meta)
             tested = (f"test top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%" if evaluated
                       else f"(test every {config.eval_every} epochs)")
+            if held_out is not None:
+                tested += f"  val top-1 {held_out['top1']:.2f}%"
             print(f"epoch {epoch + 1}/{config.epochs}: loss {record.get('train_loss', float('nan')):.4f}  {tested}  "
                   f"({record['images_per_s']:.0f} img/s)", flush=True)
         self.save_state()

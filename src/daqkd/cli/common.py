@@ -46,7 +46,8 @@ def add_optim_args(parser: argparse.ArgumentParser, *, lr: float, optimizer: str
     g.add_argument("--batch-size", type=int, default=256, help="images per batch (default %(default)s)")
     if aug is not None:
         g.add_argument(
-            "--aug", default=aug, help="a DA name (see daqkd rank --help)" + (", or 'auto'" if aug == "auto" else "")
+            "--aug", default=aug, help="a DA name (see daqkd rank --help)"
+            + (", 'auto' (the metric's pick) or 'race' (raced on --val-per-class)" if aug == "auto" else "")
         )
     g.add_argument("--optimizer", default=optimizer, choices=("sgd", "adam"),
                    help="for the model's weights (default %(default)s)")
@@ -68,7 +69,16 @@ def add_optim_args(parser: argparse.ArgumentParser, *, lr: float, optimizer: str
     g.add_argument("--train-limit-per-class", type=int, metavar="K",
                    help="first K train images of each class, the test split untouched (data-limited training; "
                         "--limit-per-class limits both)")
+    g.add_argument("--val-per-class", type=int, metavar="K",
+                   help="hold K images of each class out of the train split as a validation split (drawn at random "
+                        "by --val-seed), evaluated with the test split; it picks RUN/best and a race's survivors")
+    g.add_argument("--val-seed", type=int, metavar="S",
+                   help="the seed that draws the validation images (default: --seed; a sweep's students all use "
+                        "the sweep's, so they hold out the same images)")
     g.add_argument("--out", required=True, metavar="RUN", help="run directory")
     if resume:  # a sweep always resumes its students: rerunning its command continues it
         g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+        g.add_argument("--stop-at-epoch", type=int, metavar="E",
+                       help="stop after epoch E of the --epochs schedule (the LR still follows --epochs); "
+                            "--resume goes on from there")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -27,6 +27,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--controls", default="basic", choices=("basic", "all"),
                    help="all: the ranking also computes the authors' variant (a second teacher pass per candidate), "
                         "which the report then correlates with the students like every other control")
+    p.add_argument("--race", action="store_true",
+                   help="successive halving instead of a full sweep: at each of --rungs, only the best --keep of the "
+                        "DAs by validation top-1 (--val-per-class) go on; writes race.json and race.md")
     p.add_argument("--report-only", action="store_true",
                    help="rebuild results.json, report.md and scatter.png from what --out holds; trains nothing")
     p.add_argument("--jobs", type=int,

@@ -36,5 +36,5 @@ def add_parser(subparsers: Any) -> None:
 def cmd_teacher(args: argparse.Namespace) -> int:
     trainer = train_teacher(TeacherOptions.from_namespace(args))
     if is_main_process():
-        print(f"best test top-1 {trainer.best_top1:.2f}% -> {trainer.run_dir / BEST_FILE}")
+        print(f"best {trainer.selection_split} top-1 {trainer.best_top1:.2f}% -> {trainer.run_dir / BEST_FILE}")
     return 0

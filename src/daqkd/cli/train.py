@@ -63,7 +63,11 @@ def add_student_args(s: argparse.ArgumentParser, resume: bool = True) -> None:
     s.add_argument("--kd-layers", metavar="NAMES",
                    help="comma-separated module names a feature KD loss compares (default: at every residual "
                         "stage, sp the last; e.g. layer1,layer2,layer3)")
-    s.add_argument("--augs", default="all", help="candidates for --aug auto")
+    s.add_argument("--augs", default="all", help="candidates for --aug auto or race")
+    s.add_argument("--rungs", default="1/9,1/3,1", metavar="SHARES",
+                   help="a race's decision points as shares of --epochs, increasing to 1 (default %(default)s)")
+    s.add_argument("--keep", default="1/3", metavar="SHARE",
+                   help="share of a race's DAs that go on at each rung, by validation top-1 (default %(default)s)")
     s.add_argument("--quant-lr", type=float, default=1e-5,
                    help="Adam learning rate of the quantizers' parameters (EWGS, LSQ; PACT's alpha takes --lr) "
                         "(default %(default)s)")
@@ -72,5 +76,5 @@ def add_student_args(s: argparse.ArgumentParser, resume: bool = True) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     trainer = train_student(StudentOptions.from_namespace(args))
     if is_main_process():
-        print(f"best test top-1 {trainer.best_top1:.2f}% -> {trainer.run_dir / BEST_FILE}")
+        print(f"best {trainer.selection_split} top-1 {trainer.best_top1:.2f}% -> {trainer.run_dir / BEST_FILE}")
     return 0
