@@ -16,7 +16,8 @@ EXP=benchmarks/results/$NAME
 [ -f "$REPO/$EXP/COMMIT" ] || { echo "$0: $REPO/$EXP/COMMIT is missing (the commit the experiment runs at)" >&2; exit 2; }
 COMMIT=$(tr -d '[:space:]' < "$REPO/$EXP/COMMIT")
 WT=$(dirname "$REPO")/wt-$NAME
-OUTPUTS=(COMMIT run.sh teacher-test.json rank.json rank.log pilot.json sweep.log results.json report.md scatter.png)
+OUTPUTS=(COMMIT run.sh teacher-test.json rank.json rank.log pilot.json sweep.log results.json report.md scatter.png
+         race.json race.md race.log)
 case "${2:-}" in
   start)
     if [ -f "$WT/experiment.pid" ] && kill -0 "$(cat "$WT/experiment.pid")" 2> /dev/null; then
@@ -43,6 +44,12 @@ case "${2:-}" in
            && [ ! -f "$REPO/$EXP/runs/$name/metrics.jsonl" ]; then  # config and metrics, not weights
           mkdir -p "$REPO/$EXP/runs/$name" && cp -a "$run/config.json" "$run/metrics.jsonl" "$REPO/$EXP/runs/$name/"
           echo "synced $name"
+        fi
+        # a race's runs stop at rungs: their metrics up to the last rung reached are results too
+        if [ -f "$WT/$EXP/race.json" ] && [ -f "$run/metrics.jsonl" ] \
+           && ! cmp -s "$run/metrics.jsonl" "$REPO/$EXP/runs/$name/metrics.jsonl"; then
+          mkdir -p "$REPO/$EXP/runs/$name" && cp -a "$run/config.json" "$run/metrics.jsonl" "$REPO/$EXP/runs/$name/"
+          echo "synced $name ($(wc -l < "$run/metrics.jsonl") epochs)"
         fi
       done
     fi;;
