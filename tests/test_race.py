@@ -189,3 +189,40 @@ def test_train_aug_race_keeps_the_winners_run(tmp_path: Path, tiny_folder: Path,
     assert (out / "model.safetensors").read_bytes() == (source / "model.safetensors").read_bytes()
     # the kept run is an ordinary finished run: its options come back on --resume
     assert main(["train", "--resume", "--out", str(out), "--no-progress"]) == 0
+
+
+def test_a_race_with_jobs_decides_as_a_serial_one_and_resumes_a_cut_rung(tmp_path: Path, tiny_folder: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    import os
+
+    _, teacher = train_tiny_teacher(tmp_path, tiny_folder)
+    common = ["sweep", "--data", str(tiny_folder), "--teacher", str(teacher), "--w-bits", "3", "--a-bits", "3",
+              "--epochs", "2", "--batch-size", "12", "--val-per-class", "3", "--augs", "augmix,randaugment", "--race",
+              "--rungs", "1/2,1", "--keep", "1/2", "--no-progress"]
+    threads = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, cores // 2))  # what each of 2 workers gets: the same float sums
+    try:
+        assert main([*common, "--out", str(tmp_path / "serial")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert main([*common, "--devices", "cpu,cpu:0", "--out", str(tmp_path / "parallel")]) == 0
+    assert "2 at a time" in capsys.readouterr().out
+    serial, parallel = (json.loads((tmp_path / d / "race.json").read_text()) for d in ("serial", "parallel"))
+    assert parallel["rungs"] == serial["rungs"] and parallel["winner"] == serial["winner"]
+
+    # a race cut off after its first rung (the winner's last epoch and the report lost) goes on from there
+    winner = serial["winner"]["aug"]
+    run = tmp_path / "parallel" / "runs" / f"{winner}-seed0"
+    history = read_jsonl(run / "metrics.jsonl")
+    (run / "metrics.jsonl").write_text(json.dumps(history[0]) + "\n")
+    (run / "state.pt").unlink()  # and its resume state: it starts afresh, to the same figures
+    (tmp_path / "parallel" / "race.json").unlink()
+    torch.set_num_threads(max(1, cores // 2))
+    try:
+        assert main([*common, "--out", str(tmp_path / "parallel")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    printed = capsys.readouterr().out
+    assert printed.count("-- ") == 1 and f"-- {winner}-seed0 to epoch 2" in printed
+    assert json.loads((tmp_path / "parallel" / "race.json").read_text())["rungs"] == serial["rungs"]
