@@ -116,3 +116,45 @@ def test_readme_python_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     torch_top1 = re.search(r"W4A4 top-1 ([0-9.]+)%", printed).group(1)
     assert f"top-1 {torch_top1}%" in printed.split("ONNX")[1]  # the exported file agrees on these 100 images
     assert os.getcwd() == str(tmp_path)
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"epochs": "1"}, "StudentOptions.epochs must be a whole number, got '1' (str)"),
+    ({"epochs": 1.5}, "StudentOptions.epochs must be a whole number, got 1.5 (float)"),
+    ({"batch_size": "10"}, "StudentOptions.batch_size must be a whole number, got '10' (str)"),
+    ({"seed": "0"}, "StudentOptions.seed must be a whole number, got '0' (str)"),
+    ({"lr": "abc"}, "StudentOptions.lr must be a number, got 'abc' (str)"),
+    ({"aug": ["none"]}, "StudentOptions.aug must be a string (or None), got ['none'] (list)"),
+    ({"no_amp": 1}, "StudentOptions.no_amp must be True or False, got 1 (int)"),
+    ({"w_bits": True}, "StudentOptions.w_bits must be a whole number, got True (bool)"),
+])
+def test_options_check_their_types_before_anything_is_made(tmp_path: Path, changes: dict, message: str) -> None:
+    with pytest.raises(DaqkdError) as error:
+        daqkd.StudentOptions(data="d", teacher="t", out=str(tmp_path / "run"), **changes)
+    assert str(error.value) == message
+    assert not (tmp_path / "run").exists()
+
+
+def test_options_take_paths_numpy_scalars_and_ints_for_floats(tmp_path: Path) -> None:
+    options = daqkd.StudentOptions(data=tmp_path / "data", out=tmp_path / "run", epochs=np.int64(3), lr=1)
+    assert options.data == str(tmp_path / "data") and options.out == str(tmp_path / "run")
+    assert options.epochs == 3 and type(options.epochs) is int and options.lr == 1.0 and type(options.lr) is float
+    assert daqkd.SweepOptions(seeds=2, val_per_class=np.int32(5)).val_per_class == 5
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--lr", "-1"], "--lr must be 0 or more, got -1.0"),
+    (["--quant-lr=-1e-5"], "--quant-lr must be 0 or more, got -1e-05"),
+    (["--weight-decay", "-1"], "--weight-decay must be 0 or more, got -1.0"),
+    (["--temperature", "0"], "--temperature must be above 0 (KD divides the logits by it), got 0.0"),
+    (["--alpha", "-2"], "--alpha must be 0 or more, got -2.0"),
+])
+@pytest.mark.parametrize("command", ["train", "sweep"])
+def test_bad_numbers_give_one_line_and_no_run_directory(tmp_path: Path, tiny_folder: Path,
+                                                        capsys: pytest.CaptureFixture[str], extra: list[str],
+                                                        message: str, command: str) -> None:
+    out = tmp_path / "run"
+    args = [command, "--data", str(tiny_folder), "--teacher", str(tmp_path / "teacher"), "--out", str(out), *extra]
+    assert main(args + (["--aug", "none"] if command == "train" else ["--augs", "none"])) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"daqkd: error: {message}" and not out.exists()

@@ -79,6 +79,7 @@ class CommandOptions:
 
     def __post_init__(self) -> None:
         store_python_scalars(self)  # type: ignore[arg-type]  (subclasses are dataclasses)
+        check_option_types(self)
 
     @classmethod
     def from_namespace(cls, namespace: Any) -> Self:
@@ -100,6 +101,40 @@ class CommandOptions:
             return given
         defaults = type(self)()
         return frozenset(f.name for f in fields(self) if getattr(self, f.name) != getattr(defaults, f.name))
+
+
+def check_option_types(options: Any) -> None:
+    """Every field of an options dataclass holds its annotated type, checked once when the options
+    are made (the CLI's argparse types them already; a notebook may not): a path-like is taken as
+    the ``str`` it names, an int as the ``float`` it equals; anything else (``epochs="1"``,
+    ``epochs=1.5``, ``aug=["none"]``, a bool for a number) is one error naming the field, before
+    any directory is made. A float field stores a float: 1 and 1.0 compare equal in a rerun's guard."""
+    import typing
+
+    hints = typing.get_type_hints(type(options))
+    for item in fields(options):
+        value = getattr(options, item.name)
+        allowed = typing.get_args(hints[item.name]) or (hints[item.name],)
+        if value is None and type(None) in allowed:
+            continue
+        if str in allowed and isinstance(value, os.PathLike):
+            setattr(options, item.name, os.fspath(value))
+            continue
+        if bool in allowed:
+            ok, expected = isinstance(value, bool), "True or False"
+        elif int in allowed:
+            ok, expected = isinstance(value, int) and not isinstance(value, bool), "a whole number"
+        elif float in allowed:
+            ok, expected = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+            if ok:
+                setattr(options, item.name, float(value))
+        else:
+            ok, expected = isinstance(value, str), "a string" + (" or a path" if "data" in item.name or
+                                                                  item.name in PATH_OPTIONS else "")
+        if not ok:
+            optional = " (or None)" if type(None) in allowed else ""
+            raise DaqkdError(f"{type(options).__name__}.{item.name} must be {expected}{optional}, got {value!r} "
+                             f"({type(value).__name__})")
 
 
 @dataclass
@@ -163,6 +198,9 @@ class TrainOptions(DataOptions):
                 raise DaqkdError(f"--{name.replace('_', '-')} must be at least 1")
         if self.val_per_class is not None and self.val_per_class < 1:
             raise DaqkdError(f"--val-per-class must be at least 1, got {self.val_per_class}")
+        for name in ("lr", "weight_decay", "momentum", "warmup_epochs"):
+            if getattr(self, name) < 0:
+                raise DaqkdError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
         if self.stop_at_epoch is not None and not 1 <= self.stop_at_epoch <= self.epochs:
             raise DaqkdError(f"--stop-at-epoch must be an epoch of the schedule, 1 to --epochs {self.epochs}, "
                              f"got {self.stop_at_epoch}")
@@ -246,6 +284,19 @@ class StudentOptions(TrainOptions):
     aug: str | None = "auto"
     optimizer: str = "adam"
     lr: float = 1e-3
+
+    def train_config(self, aug: str, quant_lr: float = 1e-5) -> TrainConfig:
+        """:meth:`TrainOptions.train_config`, with the student's own numbers checked first: a NaN loss
+        at step 1 (``temperature`` 0) or an optimizer's ValueError (a negative ``quant_lr``) would
+        otherwise come after the teacher and the data are loaded."""
+        for name in ("quant_lr", "gamma", "alpha"):
+            if getattr(self, name) < 0:
+                raise DaqkdError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
+        if self.beta is not None and self.beta < 0:
+            raise DaqkdError(f"--beta must be 0 or more, got {self.beta}")
+        if not self.temperature > 0:
+            raise DaqkdError(f"--temperature must be above 0 (KD divides the logits by it), got {self.temperature}")
+        return super().train_config(aug, quant_lr)
 
     def quant_config(self) -> QuantConfig:
         if self.ewgs_delta == "hessian":
