@@ -20,6 +20,7 @@ training:
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -255,10 +256,13 @@ def trained_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, 
 def test_export_and_eval_from_the_command_line(trained_runs: tuple[Path, Path, Path], tmp_path: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     data, teacher, student = trained_runs
-    out = tmp_path / "student.onnx"
+    out = tmp_path / "a folder" / "student.onnx"
+    out.parent.mkdir()
     assert main(["export", str(student), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert f"wrote {out}" in printed and "3-bit weights stored as UINT4" in printed and "18 layers" in printed
+    hint = next(line for line in printed.splitlines() if line.startswith("check it: "))
+    assert shlex.split(hint.removeprefix("check it: "))[:3] == ["daqkd", "eval", str(out)]  # pasteable: quoted
     meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert json.loads(meta["classes"]) == ["class_0", "class_1", "class_2"]
     assert (meta["w_bits"], meta["a_bits"], meta["method"], meta["arch"]) == ("3", "3", "ewgs", "resnet20")
@@ -294,7 +298,9 @@ def test_export_and_eval_from_the_command_line(trained_runs: tuple[Path, Path, P
     (["export", "{student}", "--out", "{tmp}/m.pt"], "name the file FILE.onnx"),
     (["export", "{teacher}", "--fp", "--out", "{tmp}/m.onnx"], "names no teacher"),
     (["export", "{tmp}/nothing", "--out", "{tmp}/m.onnx"], "nothing"),
-    (["export", "{student}", "--out", "{tmp}/m.onnx", "--image-size", "0"], "--image-size must be at least 1"),
+    (["export", "{student}", "--out", "{tmp}/m.onnx", "--image-size", "0"], "--image-size must be 1 to 4096"),
+    (["export", "{student}", "--out", "{tmp}/m.onnx", "--image-size", "100000"],
+     "--image-size must be 1 to 4096 (the export traces the model on a batch of that size), got 100000"),
     (["eval", "{tmp}/bad.onnx", "--data", "{data}"], "is not a valid ONNX model"),
     (["eval", "{tmp}/missing.onnx", "--data", "{data}"], "does not exist"),
     (["eval", "{onnx}", "--data", "{data}", "--arch", "resnet20"], "drop --arch"),

@@ -765,6 +765,11 @@ def teacher_of(run: str | Path) -> Path:
                      "run directly")
 
 
+# the export traces a (2, 3, N, N) batch: 4096 is 100 MB of uint8 images, and far beyond any CNN classifier's
+# input; 100,000 would be 60 GB, an allocation failure with a traceback instead of a line
+MAX_EXPORT_IMAGE_SIZE = 4096
+
+
 def export_model(options: ExportOptions) -> Any:
     """Write ``options.run`` (or its teacher with ``fp``) as an ONNX file; the
     :class:`daqkd.export.ExportReport`. Needs the ``export`` extra (onnx, onnxruntime, onnxscript)."""
@@ -777,8 +782,9 @@ def export_model(options: ExportOptions) -> Any:
         raise DaqkdError("pass --out FILE.onnx")
     if not str(options.out).lower().endswith(".onnx"):
         raise DaqkdError(f"--out {options.out}: name the file FILE.onnx")
-    if options.image_size < 1:
-        raise DaqkdError(f"--image-size must be at least 1, got {options.image_size}")
+    if not 1 <= options.image_size <= MAX_EXPORT_IMAGE_SIZE:
+        raise DaqkdError(f"--image-size must be 1 to {MAX_EXPORT_IMAGE_SIZE} (the export traces the model on a batch "
+                         f"of that size), got {options.image_size}")
     check_output(options.out, "file")
     require("onnx"), require("onnxscript")  # before minutes of loading and tracing
     source = teacher_of(options.run) if options.fp else Path(options.run)

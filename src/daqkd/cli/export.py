@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 from collections import Counter
 from typing import Any
 
@@ -39,5 +40,5 @@ def cmd_export(args: argparse.Namespace) -> int:
         weights = "FP32 weights" if w_bits == 32 else f"{w_bits}-bit weights stored as {storage}"
         inputs = "FP32 inputs" if a_bits == 32 else f"{a_bits}-bit inputs (QuantizeLinear -> Clip -> DequantizeLinear)"
         print(f"  {count} layer{'s' if count > 1 else ''}: {weights}, {inputs}")
-    print(f"check it: daqkd eval {report.path} --data DIR|FILE.npz")
+    print(f"check it: daqkd eval {shlex.quote(report.path)} --data DIR|FILE.npz")
     return 0
