@@ -12,6 +12,7 @@ import torch
 
 from daqkd.cli import main
 from daqkd.data import _read_member, load_array_archive, load_data
+from daqkd.errors import DaqkdError
 
 
 def make_archive(path: Path, num_classes: int = 3, train_per_class: int = 6, test_per_class: int = 2,
@@ -161,3 +162,20 @@ def test_files_that_are_not_archives(tmp_path: Path, capsys: pytest.CaptureFixtu
         assert main(["eval", str(tmp_path / "run"), "--data", str(path)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
+
+
+def test_bytes_that_are_no_archive_are_named_so_without_unpickling_advice(tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    garbage = tmp_path / "g.npz"
+    garbage.write_bytes(b"garbage bytes here")
+    assert main(["rank", "--data", str(garbage), "--weights", str(tmp_path / "w.th"), "--arch", "resnet20"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"daqkd: error: {garbage} is not a NumPy archive (neither a .npz zip file nor a .npy array): "
+                   "write it with np.savez or np.savez_compressed")
+
+
+def test_a_uint64_label_beyond_int64_is_reported_as_itself(tmp_path: Path) -> None:
+    labels = np.array([0, 1, 2, 0, 1, 2 ** 63] * 3, dtype=np.uint64)
+    archive = make_archive(tmp_path / "d.npz", y_train=labels)
+    with pytest.raises(DaqkdError, match=f"y_train has label {2 ** 63}: labels are class indices 0..K-1"):
+        load_array_archive(archive, "train")

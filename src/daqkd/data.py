@@ -269,6 +269,12 @@ def load_array_archive(path: str | Path, split: str = "train", limit_per_class: 
     path = Path(path)
     if not path.is_file():
         raise DaqkdError(f"--data {path} does not exist: pass a .npz archive with x_train, y_train, x_test, y_test")
+    with open(path, "rb") as file:
+        magic = file.read(6)
+    if not magic.startswith(b"PK") and not magic.startswith(b"\x93NUMPY"):
+        # np.load takes any other bytes for a pickle and advises loading it unsafely: never the advice here
+        raise DaqkdError(f"{path} is not a NumPy archive (neither a .npz zip file nor a .npy array): write it with "
+                         "np.savez or np.savez_compressed")
     try:
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
@@ -378,6 +384,8 @@ def _labels(array: np.ndarray, key: str) -> np.ndarray:
         raise DaqkdError(f"{key} has dtype {array.dtype}: store integer class indices 0..K-1 (e.g. .astype(np.int64))")
     if len(array) == 0:
         raise DaqkdError(f"{key} is empty: the archive needs images in both splits")
+    if array.dtype.kind == "u" and int(array.max()) > np.iinfo(np.int64).max:  # would wrap to a negative int64
+        raise DaqkdError(f"{key} has label {int(array.max())}: labels are class indices 0..K-1")
     return np.asarray(array, dtype=np.int64)
 
 
