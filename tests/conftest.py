@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -64,3 +66,16 @@ def shared_cifar10() -> Path:
 def shared_resnet20() -> Path:
     assert RESNET20.is_file(), f"tests need the shared ResNet-20 weights at {RESNET20}"
     return RESNET20
+
+
+@contextlib.contextmanager
+def threads_of_two_workers() -> Iterator[None]:
+    """Torch threads as each of 2 sweep workers gets them (half the cores), restored after: a serial
+    run inside computes the same float sums as the workers, so their results compare bit for bit."""
+    threads = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, cores // 2))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 from pathlib import Path
 
@@ -15,6 +14,8 @@ from scipy import stats
 from daqkd.cli import main
 from daqkd.sweep import analyze, correlation, report_markdown
 from daqkd.sweep_runner import device_slots, parse_devices
+
+from .conftest import threads_of_two_workers
 
 
 def fake_ranking(scores: dict[str, float], variances: dict[str, float]) -> dict:
@@ -360,10 +361,7 @@ def test_sweep_jobs_and_shards_train_the_same_students(tmp_path: Path, tiny_fold
     data, teacher = train_tiny_teacher(tmp_path, tiny_folder)
     common = ["sweep", *data, "--teacher", str(teacher), "--w-bits", "3", "--a-bits", "3", "--augs", "none,augmix",
               "--epochs", "2", "--batch-size", "12", "--no-progress"]
-    threads = torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(max(1, cores // 2))  # what each of 2 workers gets: the same float sums
-    try:
+    with threads_of_two_workers():
         assert main([*common, "--out", str(tmp_path / "serial")]) == 0
         capsys.readouterr()
         shared = str(tmp_path / "shards")
@@ -373,8 +371,6 @@ def test_sweep_jobs_and_shards_train_the_same_students(tmp_path: Path, tiny_fold
         assert main([*common, "--shard", "1/2", "--out", shared]) == 0
         printed = capsys.readouterr().out
         assert "shard 1/2: 1 of its 1 students" in printed and "not finished" not in printed
-    finally:
-        torch.set_num_threads(threads)
     # --jobs defaults to one per device; pool workers may start augmentation workers of their own
     assert main([*common, "--devices", "cpu,cpu:0", "--augment-workers", "1", "--out", str(tmp_path / "parallel")]) == 0
     assert "2 at a time (1 on cpu, 1 on cpu:0)" in capsys.readouterr().out

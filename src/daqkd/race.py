@@ -19,15 +19,21 @@ checkpoints and devices that the sweep runner manages.
 from __future__ import annotations
 
 import itertools
+import json
 import math
+import shutil
 import statistics
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
+
 from .errors import DaqkdError
-from .rundir import read_history, write_json_atomic, write_text_atomic
+from .rundir import STATE_FILE, read_history, write_json_atomic, write_text_atomic
+from .runtime import is_main_process
+from .sweep_runner import run_name, train_students
 
 RACE_FILE = "race.json"
 RACE_REPORT = "race.md"
@@ -233,8 +239,6 @@ def _check_stored_race(out: Path, config: dict[str, Any]) -> None:
     path = out / RACE_FILE
     if not path.is_file():
         return
-    import json
-
     try:
         stored = json.loads(path.read_text())["config"]
         differences = {k: (stored[k], config[k]) for k in RACE_SETTINGS
@@ -255,13 +259,6 @@ def run_race(args: Any, out: Path, ranking: dict[str, Any], ordered: list[str], 
     (resuming what is there), decide on the validation split, write race.json and race.md after
     every rung; returns the race report. Rerunning it redoes no finished rung: the decisions are
     recomputed from the runs' metrics, which are deterministic."""
-    import shutil
-
-    import torch.distributed as dist
-
-    from .rundir import STATE_FILE
-    from .runtime import is_main_process
-    from .sweep_runner import run_name, train_students
 
     epochs_at = rung_epochs(args.rungs, args.epochs)
     keep = parse_keep(args.keep)
