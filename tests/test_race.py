@@ -17,6 +17,7 @@ from daqkd.data import ImageSet, split_validation
 from daqkd.errors import DaqkdError
 from daqkd.race import parse_keep, rung_epochs, survivors, tie_margin
 
+from .conftest import threads_of_two_workers
 from .test_sweep import train_tiny_teacher
 
 
@@ -193,19 +194,12 @@ def test_train_aug_race_keeps_the_winners_run(tmp_path: Path, tiny_folder: Path,
 
 def test_a_race_with_jobs_decides_as_a_serial_one_and_resumes_a_cut_rung(tmp_path: Path, tiny_folder: Path,
                                                                          capsys: pytest.CaptureFixture[str]) -> None:
-    import os
-
     _, teacher = train_tiny_teacher(tmp_path, tiny_folder)
     common = ["sweep", "--data", str(tiny_folder), "--teacher", str(teacher), "--w-bits", "3", "--a-bits", "3",
               "--epochs", "2", "--batch-size", "12", "--val-per-class", "3", "--augs", "augmix,randaugment", "--race",
               "--rungs", "1/2,1", "--keep", "1/2", "--no-progress"]
-    threads = torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(max(1, cores // 2))  # what each of 2 workers gets: the same float sums
-    try:
+    with threads_of_two_workers():
         assert main([*common, "--out", str(tmp_path / "serial")]) == 0
-    finally:
-        torch.set_num_threads(threads)
     assert main([*common, "--devices", "cpu,cpu:0", "--out", str(tmp_path / "parallel")]) == 0
     assert "2 at a time" in capsys.readouterr().out
     serial, parallel = (json.loads((tmp_path / d / "race.json").read_text()) for d in ("serial", "parallel"))
@@ -218,11 +212,21 @@ def test_a_race_with_jobs_decides_as_a_serial_one_and_resumes_a_cut_rung(tmp_pat
     (run / "metrics.jsonl").write_text(json.dumps(history[0]) + "\n")
     (run / "state.pt").unlink()  # and its resume state: it starts afresh, to the same figures
     (tmp_path / "parallel" / "race.json").unlink()
-    torch.set_num_threads(max(1, cores // 2))
-    try:
+    with threads_of_two_workers():
         assert main([*common, "--out", str(tmp_path / "parallel")]) == 0
-    finally:
-        torch.set_num_threads(threads)
     printed = capsys.readouterr().out
     assert printed.count("-- ") == 1 and f"-- {winner}-seed0 to epoch 2" in printed
     assert json.loads((tmp_path / "parallel" / "race.json").read_text())["rungs"] == serial["rungs"]
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--stop-at-epoch", "0"], "--stop-at-epoch must be an epoch of the schedule, 1 to --epochs 3, got 0"),
+    (["--stop-at-epoch", "4"], "--stop-at-epoch must be an epoch of the schedule, 1 to --epochs 3, got 4"),
+])
+def test_a_stop_outside_the_schedule_is_one_line(tmp_path: Path, tiny_folder: Path,
+                                                 capsys: pytest.CaptureFixture[str], extra: list[str],
+                                                 message: str) -> None:
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(tiny_folder), "--teacher", str(tmp_path / "t"), "--aug", "none",
+                 "--epochs", "3", "--out", str(out), *extra]) == 2
+    assert capsys.readouterr().err.strip() == f"daqkd: error: {message}" and not out.exists()
