@@ -282,6 +282,7 @@ def test_quantize_model_policies_and_shapes() -> None:
     ({"ewgs_hessian_probes": 0}, "--ewgs-hessian-probes must be a positive integer, got 0"),
     ({"ewgs_hessian_batches": 1.5}, "--ewgs-hessian-batches must be a positive integer"),
     ({"ewgs_delta_every": True}, "--ewgs-delta-every must be a positive integer"),
+    ({"residual_bits": 16}, "--residual-bits must be an integer from 1 to 8, or 32"),
 ])
 def test_bad_config_gives_one_clear_line(bad: dict, message: str) -> None:
     with pytest.raises(DaqkdError, match=message) as info:
@@ -525,3 +526,42 @@ def test_quantizer_flags_follow_the_state_dict() -> None:
     step = target.step.detach().clone()
     target(x.abs() * 100)  # no re-initialization from this very different tensor
     assert torch.equal(target.step.detach(), step)
+
+
+@pytest.mark.parametrize("arch", ["resnet20", "resnet20b"])
+def test_residual_bits_put_every_tensor_a_block_adds_or_reads_on_an_integer_grid(arch: str) -> None:
+    """--residual-bits 8: the stem output, each block's residual branch, projection shortcut and output
+    are multiples of their LSQ step with codes in 8 bits (unsigned after a ReLU, signed after a
+    BatchNorm), so each addition adds integers; the default leaves the stream in float."""
+    torch.manual_seed(0)
+    model = create_model(arch, 10)
+    plain_keys = set(quantize_model(create_model(arch, 10), QuantConfig("ewgs", 4, 4)).state_dict())
+    quantize_model(model, QuantConfig("ewgs", 4, 4, residual_bits=8))
+    x = torch.randn(8, 3, 32, 32)
+    model(x)  # calibration
+    model.eval()
+    seen: dict[str, torch.Tensor] = {}
+    quantizers = {n: m for n, m in model.named_modules() if n.endswith(("stem_quantizer", "residual_quantizer",
+                                                                        "output_quantizer", "shortcut_quantizer"))}
+    for name, module in quantizers.items():
+        if isinstance(module, LSQQuantizer):
+            module.register_forward_hook(lambda m, args, out, name=name: seen.__setitem__(name, out.detach()))
+    with torch.no_grad():
+        model(torch.randn(4, 3, 32, 32))
+    blocks = 9
+    expected = 1 + 2 * blocks + (2 if arch.endswith("b") else 0)
+    assert len(seen) == expected, sorted(seen)
+    for name, out in seen.items():
+        quantizer = quantizers[name]
+        codes = out / quantizer.step
+        assert torch.allclose(codes, codes.round(), atol=1e-3), name
+        low, high = (-128, 127) if quantizer.is_signed else (0, 255)
+        assert low <= int(codes.round().min()) and int(codes.round().max()) <= high, name
+        assert quantizer.is_signed == name.endswith(("residual_quantizer", "shortcut_quantizer")), name
+    assert set(model.state_dict()) - plain_keys == {f"{n}.{k}" for n in seen for k in ("step", "initialized", "signed")}
+
+
+def test_residual_bits_need_a_model_that_places_them() -> None:
+    with pytest.raises(DaqkdError, match="--residual-bits is implemented for the CIFAR ResNets, not CifarVGG: drop --residual-bits") as info:
+        quantize_model(create_model("vgg11", 10), QuantConfig("ewgs", 4, 4, residual_bits=8))
+    assert "\n" not in str(info.value)

@@ -248,7 +248,8 @@ class StudentOptions(TrainOptions):
     The student (``arch``, default the teacher's, starting from its weights; else ``init``) is
     quantized by ``method`` at ``w_bits``/``a_bits`` (``first_last``: fp, same or a bit width;
     ``ewgs_delta``: a number or "hessian", re-estimated every ``ewgs_delta_every`` epochs from
-    ``ewgs_hessian_batches`` batches with ``ewgs_hessian_probes`` probes each) and distilled with
+    ``ewgs_hessian_batches`` batches with ``ewgs_hessian_probes`` probes each; ``residual_bits``
+    below 32 also quantizes the residual stream, see QuantConfig) and distilled with
     loss ``kd`` (CE weight ``gamma``, KD weight ``alpha``, ``temperature``; feature losses: weight
     ``beta``, comma-separated module names ``kd_layers``). ``aug`` "auto" ranks ``augs`` with the
     teacher and trains with the top one; "race" races ``augs`` and ``none`` on the validation split
@@ -271,6 +272,7 @@ class StudentOptions(TrainOptions):
     ewgs_delta_every: int = 10
     ewgs_hessian_batches: int = 3
     ewgs_hessian_probes: int = 4
+    residual_bits: int = 32
     kd: str = "kd"
     gamma: float = 1.0
     alpha: float = 2.0
@@ -312,7 +314,7 @@ class StudentOptions(TrainOptions):
         quant = QuantConfig(method=self.method, w_bits=self.w_bits, a_bits=self.a_bits, per_channel=self.per_channel,
                             first_last=first_last, ewgs_delta=delta, ewgs_delta_every=self.ewgs_delta_every,
                             ewgs_hessian_batches=self.ewgs_hessian_batches,
-                            ewgs_hessian_probes=self.ewgs_hessian_probes)
+                            ewgs_hessian_probes=self.ewgs_hessian_probes, residual_bits=self.residual_bits)
         quant.validate()
         return quant
 

@@ -54,6 +54,10 @@ def add_student_args(s: argparse.ArgumentParser, resume: bool = True) -> None:
     s.add_argument("--ewgs-hessian-probes", type=int, default=4, metavar="N",
                    help="Hutchinson probes per batch, shared by all layers (default %(default)s; "
                         "benchmarks/RESULTS.md measures the noise)")
+    s.add_argument("--residual-bits", type=int, default=32, metavar="BITS",
+                   help="also fake-quantize the residual stream (stem output, residual branches, shortcuts, block "
+                        "outputs) at this many bits with LSQ, so that `daqkd export --integer` runs the whole ResNet "
+                        "in integer kernels (e.g. 8; default %(default)s: full precision, as the paper)")
     s.add_argument("--kd", default="kd", choices=sorted(LOSSES), help="distillation loss (default %(default)s)")
     s.add_argument("--gamma", type=float, default=1.0, help="CE weight")
     s.add_argument("--alpha", type=float, default=2.0, help="KD weight")

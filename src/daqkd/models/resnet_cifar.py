@@ -15,6 +15,8 @@ Where a block changes the shape, the shortcut is one of the paper's two options:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,7 +40,9 @@ class BasicBlock(nn.Module):
     """Two 3x3 conv-BN pairs with a residual connection; ReLU after the sum.
 
     ``shortcut`` "A" stores a parameter-free ``shortcut`` module, "B" a ``downsample`` 1x1 conv +
-    BN; both are the identity when the shape does not change.
+    BN; both are the identity when the shape does not change. ``residual_quantizer`` (after bn2),
+    ``shortcut_quantizer`` (after a projection shortcut) and ``output_quantizer`` (after the ReLU)
+    are identities unless the residual stream is quantized (CifarResNet.quantize_residuals).
     """
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1, shortcut: str = "A") -> None:
@@ -54,12 +58,20 @@ class BasicBlock(nn.Module):
             self.downsample: nn.Module = nn.Sequential(
                 nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
             ) if reshapes else nn.Identity()
+        self.residual_quantizer: nn.Module = nn.Identity()
+        self.shortcut_quantizer: nn.Module = nn.Identity()
+        self.output_quantizer: nn.Module = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        identity = self.shortcut(x) if hasattr(self, "shortcut") else self.downsample(x)
-        return F.relu(out + identity)
+        out = self.residual_quantizer(self.bn2(self.conv2(out)))
+        identity = self.shortcut_quantizer(self.shortcut(x) if hasattr(self, "shortcut") else self.downsample(x))
+        return self.output_quantizer(F.relu(out + identity))
+
+    @property
+    def projects(self) -> bool:
+        """Whether the shortcut is a convolution (option B where the shape changes)."""
+        return hasattr(self, "downsample") and not isinstance(self.downsample, nn.Identity)
 
 
 class CifarResNet(nn.Module):
@@ -88,6 +100,23 @@ class CifarResNet(nn.Module):
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(m.weight)
+        self.stem_quantizer: nn.Module = nn.Identity()
+
+    def quantize_residuals(self, make_quantizer: Callable[[], nn.Module]) -> None:
+        """Fake-quantize the residual stream: the stem's output, every block's residual branch (after
+        bn2), projection shortcut and output, each with its own ``make_quantizer()``. Every tensor
+        that an addition or a block reads is then on an integer grid (the shortcut of option A is
+        the block's quantized input, subsampled and zero-padded), so the network runs in integer
+        arithmetic from the stem to the pooling (daqkd.integer_export)."""
+        self.stem_quantizer = make_quantizer()
+        for block in self.blocks():
+            block.residual_quantizer = make_quantizer()
+            block.output_quantizer = make_quantizer()
+            if block.projects:
+                block.shortcut_quantizer = make_quantizer()
+
+    def blocks(self) -> list[BasicBlock]:
+        return [block for stage in (self.layer1, self.layer2, self.layer3) for block in stage]
 
     @staticmethod
     def _make_stage(in_planes: int, planes: int, blocks: int, stride: int, shortcut: str) -> nn.Sequential:
@@ -101,7 +130,7 @@ class CifarResNet(nn.Module):
         return self.linear if hasattr(self, "linear") else self.fc
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.stem_quantizer(F.relu(self.bn1(self.conv1(x))))
         out = self.layer3(self.layer2(self.layer1(out)))
         out = F.adaptive_avg_pool2d(out, 1).flatten(1)
         return self.head(out)

@@ -39,6 +39,12 @@ class QuantConfig:
     ewgs_init: "paper" for the authors' 3-sigma intervals (made for 2-4 bits: they clip a pretrained
     model's large weights, costing ~10 points of W8A8 top-1 before training), "mse" for the
     interval that minimizes the quantization error at the layer's bit width.
+    residual_bits: 32 (default) keeps the tensors between quantized layers in full precision, as the
+    paper does; 1..8 also fake-quantizes the residual stream at that many bits (a model that
+    implements ``quantize_residuals``: the CIFAR ResNets' stem output, each block's residual branch,
+    projection shortcut and output) with LSQ's learned step on a zero-anchored grid, whatever
+    ``method``: what an integer ``Add`` needs, so that the whole network exports to integer kernels
+    (daqkd.integer_export).
     """
 
     method: str = "ewgs"
@@ -52,6 +58,7 @@ class QuantConfig:
     ewgs_delta_every: int = 10  # epochs between Hessian updates of EWGS's delta (when ewgs_delta is None)
     ewgs_hessian_batches: int = 3  # training batches per Hessian update (the authors' 3)
     ewgs_hessian_probes: int = 4  # Rademacher probes per batch, shared by all layers (ewgs.update_ewgs_delta)
+    residual_bits: int = FP_BITS
 
     def __post_init__(self) -> None:
         store_python_scalars(self)  # validate() checks the values
@@ -59,7 +66,7 @@ class QuantConfig:
     def validate(self) -> None:
         if self.method not in QUANTIZERS:
             raise DaqkdError(f"unknown quantization method {self.method!r}: use one of {', '.join(sorted(QUANTIZERS))}")
-        for name, bits in (("--w-bits", self.w_bits), ("--a-bits", self.a_bits)):
+        for name, bits in (("--w-bits", self.w_bits), ("--a-bits", self.a_bits), ("--residual-bits", self.residual_bits)):
             check_bits(name, bits)
         if self.first_last not in ("fp", "same"):
             check_bits("first_last", self.first_last)

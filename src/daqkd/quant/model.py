@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .base import FP_BITS, QuantConfig, QuantConv2d, Quantizer, QuantLinear, make_quantizer
+from ..errors import DaqkdError
+from .base import FP_BITS, QUANTIZERS, QuantConfig, QuantConv2d, Quantizer, QuantLinear, make_quantizer
 
 
 def _quantized(module: nn.Conv2d | nn.Linear, config: QuantConfig, w_bits: int, a_bits: int) -> nn.Module:
@@ -31,9 +32,17 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
 
     The first conv/linear and the last one (in module order: the stem and the classifier) follow
     ``config.first_last``. Weights are kept (quantizers initialize from them and from the first
-    batch); layers without parameters (pooling, option-A shortcuts) are left alone.
+    batch); layers without parameters (pooling, option-A shortcuts) are left alone. With
+    ``config.residual_bits`` below 32 the model's ``quantize_residuals(make_quantizer)`` places
+    LSQ quantizers at that width on its residual stream (``make_quantizer()`` returns a new one).
     """
     config.validate()
+    if config.residual_bits != FP_BITS:
+        if not hasattr(model, "quantize_residuals"):
+            raise DaqkdError(f"--residual-bits is implemented for the CIFAR ResNets, not {type(model).__name__}: "
+                             "drop --residual-bits")
+        bits = config.residual_bits
+        model.quantize_residuals(lambda: QUANTIZERS["lsq"](bits, False, None, config))
     layers = [(name, m) for name, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
     if not layers:
         return model
