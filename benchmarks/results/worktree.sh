@@ -43,6 +43,7 @@ case "${2:-}" in
         if [ -f "$WT/$EXP/sweep.log" ] && grep -q "^$name finished" "$WT/$EXP/sweep.log" \
            && [ ! -f "$REPO/$EXP/runs/$name/metrics.jsonl" ]; then  # config and metrics, not weights
           mkdir -p "$REPO/$EXP/runs/$name" && cp -a "$run/config.json" "$run/metrics.jsonl" "$REPO/$EXP/runs/$name/"
+          if [ -f "$run/test.json" ]; then cp -a "$run/test.json" "$REPO/$EXP/runs/$name/"; fi  # a run's own eval
           echo "synced $name"
         fi
         # a race's runs stop at rungs: their metrics up to the last rung reached are results too
