@@ -562,6 +562,7 @@ def test_residual_bits_put_every_tensor_a_block_adds_or_reads_on_an_integer_grid
 
 
 def test_residual_bits_need_a_model_that_places_them() -> None:
-    with pytest.raises(DaqkdError, match="--residual-bits is implemented for the CIFAR ResNets, not CifarVGG: drop --residual-bits") as info:
+    message = "--residual-bits is implemented for the CIFAR ResNets, not CifarVGG: drop --residual-bits"
+    with pytest.raises(DaqkdError, match=message) as info:
         quantize_model(create_model("vgg11", 10), QuantConfig("ewgs", 4, 4, residual_bits=8))
     assert "\n" not in str(info.value)

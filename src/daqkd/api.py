@@ -386,12 +386,14 @@ class EvalOptions(DataOptions):
 class ExportOptions(CommandOptions):
     """`daqkd export`: ``run`` (a run directory or daqkd checkpoint) as the ONNX file ``out``; with
     ``fp`` the full-precision teacher the run was distilled from instead; ``image_size``: the side of
-    the square uint8 images the file takes (the batch size stays free)."""
+    the square uint8 images the file takes (the batch size stays free); ``integer``: the integer-kernel
+    graph of :mod:`daqkd.integer_export` (CIFAR ResNets) instead of the QDQ mirror of the model."""
 
     run: str | None = None
     out: str | None = None
     fp: bool = False
     image_size: int = 32
+    integer: bool = False
 
 
 def data_statistics(data: ImageSet) -> Normalization:
@@ -787,6 +789,8 @@ def export_model(options: ExportOptions) -> Any:
     if not 1 <= options.image_size <= MAX_EXPORT_IMAGE_SIZE:
         raise DaqkdError(f"--image-size must be 1 to {MAX_EXPORT_IMAGE_SIZE} (the export traces the model on a batch "
                          f"of that size), got {options.image_size}")
+    if options.integer and options.fp:
+        raise DaqkdError("--integer exports a quantized student; the --fp teacher has no integer form: drop one")
     check_output(options.out, "file")
     require("onnx"), require("onnxscript")  # before minutes of loading and tracing
     source = teacher_of(options.run) if options.fp else Path(options.run)
@@ -805,6 +809,12 @@ def export_model(options: ExportOptions) -> Any:
         "w_bits": quant["w_bits"] if quant else 32, "a_bits": quant["a_bits"] if quant else 32,
         "method": quant["method"] if quant else None,
     }
+    if options.integer:
+        from .integer_export import export_integer_onnx
+
+        if not quant:
+            raise DaqkdError(f"{source} is a full-precision model: --integer exports quantized students")
+        return export_integer_onnx(model, options.out, image_size=options.image_size, metadata=metadata)
     return export_onnx(model, options.out, image_size=options.image_size, metadata=metadata)
 
 

@@ -231,8 +231,8 @@ def train_students(pending: list[StudentOptions], data: RunData, jobs: int, devi
 
 # The options that make two students comparable: a sweep refuses to mix runs that differ in any.
 COMPARED_OPTIONS = ("teacher", "teacher_arch", "normalize", "arch", "init", "method", "w_bits", "a_bits",
-                    "per_channel", "first_last", "ewgs_delta", *HESSIAN_OPTIONS, "residual_bits", "kd", "gamma", "alpha",
-                    "temperature", "beta", "kd_layers", "quant_lr",
+                    "per_channel", "first_last", "ewgs_delta", *HESSIAN_OPTIONS, "residual_bits", "kd", "gamma",
+                    "alpha", "temperature", "beta", "kd_layers", "quant_lr",
                     "data", "dataset", "limit_per_class", "train_limit_per_class", "val_per_class", "val_seed",
                     "epochs", "batch_size",
                     "optimizer", "lr", "momentum", "weight_decay", "warmup_epochs", "no_amp", "compile")

@@ -8,6 +8,7 @@ from collections import Counter
 from typing import Any
 
 from ..api import ExportOptions, export_model
+from ..integer_export import KERNELS, IntegerReport
 
 
 def add_parser(subparsers: Any) -> None:
@@ -23,12 +24,18 @@ def add_parser(subparsers: Any) -> None:
                    help="export the full-precision teacher the student run RUN was distilled from")
     e.add_argument("--image-size", type=int, default=32, metavar="N",
                    help="side of the square images the file takes (default: 32)")
+    e.add_argument("--integer", action="store_true",
+                   help="CIFAR ResNets: a graph that onnxruntime runs in integer kernels (QLinearConv; QLinearAdd "
+                        "for students trained with --residual-bits), BatchNorm folded, exact to the model up to "
+                        "rounding ties")
     e.set_defaults(func=cmd_export)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     report = export_model(ExportOptions.from_namespace(args))
     meta = report.metadata
+    if isinstance(report, IntegerReport):
+        return print_integer(report)
     kinds = Counter((layer["weight_bits"], layer.get("storage", "FLOAT"), layer["input_bits"])
                     for layer in report.layers.values())
     side = report.image_size
@@ -40,5 +47,23 @@ def cmd_export(args: argparse.Namespace) -> int:
         weights = "FP32 weights" if w_bits == 32 else f"{w_bits}-bit weights stored as {storage}"
         inputs = "FP32 inputs" if a_bits == 32 else f"{a_bits}-bit inputs (QuantizeLinear -> Clip -> DequantizeLinear)"
         print(f"  {count} layer{'s' if count > 1 else ''}: {weights}, {inputs}")
+    print(f"check it: daqkd eval {shlex.quote(report.path)} --data DIR|FILE.npz")
+    return 0
+
+
+def print_integer(report: IntegerReport) -> int:
+    meta, side = report.metadata, report.image_size
+    print(f"wrote {report.path}: {report.file_bytes / 1e6:.3f} MB, opset 21, integer kernels, {meta['arch']}, "
+          f"input uint8 (batch, 3, {side}, {side}), output logits (batch, {meta['num_classes']})")
+    kinds = Counter(layer.kernel for layer in report.layers.values())
+    for kernel, count in sorted(kinds.items(), key=lambda kv: -kv[1]):
+        print(f"  {count} convolution{'s' if count > 1 else ''}: {KERNELS[kernel]}")
+    adds = Counter(report.additions.values())
+    if adds.get("integer"):
+        print(f"  {adds['integer']} residual additions: integer (QLinearAdd)")
+    if adds.get("float"):
+        print(f"  {adds['float']} residual additions: float (train with --residual-bits 8 to make them integer)")
+    worst = max((layer.bias_error for layer in report.layers.values()), default=0.0)
+    print(f"  int32 biases within {worst:.4f} output levels of the model's (the kernel's rounding)")
     print(f"check it: daqkd eval {shlex.quote(report.path)} --data DIR|FILE.npz")
     return 0

@@ -66,7 +66,8 @@ class QuantConfig:
     def validate(self) -> None:
         if self.method not in QUANTIZERS:
             raise DaqkdError(f"unknown quantization method {self.method!r}: use one of {', '.join(sorted(QUANTIZERS))}")
-        for name, bits in (("--w-bits", self.w_bits), ("--a-bits", self.a_bits), ("--residual-bits", self.residual_bits)):
+        for name, bits in (("--w-bits", self.w_bits), ("--a-bits", self.a_bits),
+                           ("--residual-bits", self.residual_bits)):
             check_bits(name, bits)
         if self.first_last not in ("fp", "same"):
             check_bits("first_last", self.first_last)

@@ -1,0 +1,461 @@
+"""Integer ONNX export of the CIFAR ResNets: onnxruntime runs every quantized convolution as
+``QLinearConv`` and, with integer residuals (``--residual-bits``), every residual addition as
+``QLinearAdd``, computing what the trained model computes.
+
+Why a graph of its own: :mod:`daqkd.export` mirrors the fake-quantized model op by op (QDQ), which
+onnxruntime's CPU provider runs in float, slower than the FP file. Its QDQ fusion turns
+``DequantizeLinear -> Conv -> QuantizeLinear`` into ``QLinearConv`` only under conditions
+(onnxruntime ``qdq_selectors.cc``, ``qlinearconv.cc``) that the fake-quantized arithmetic does not
+meet as written, so this module rewrites it exactly before writing the graph:
+
+* **weights**: int8 codes with zero point 0. The odd-level grids of EWGS, DoReFa and STE
+  (``w = a (2q - (2^k - 1)) / (2^k - 1)``, a half-integer zero point) become the odd codes
+  ``2q - (2^k - 1)``; LSQ's codes are already symmetric. Each output channel's codes are then
+  multiplied by the largest integer m_c that keeps them within int8 and keeps
+  ``2 x max input code x max |weight code| <= 32767`` (so AVX2's ``vpmaddubsw``, which adds two u8 x s8
+  products in int16, cannot saturate), and the channel's scale divided by m_c: the bias is stored
+  in units of the scale, so m_c shrinks its rounding m_c times (see ``IntegerLayer.bias_error``).
+* **BatchNorm** folds into the weight scale (gamma / sigma per channel, the codes' signs flipped
+  where gamma < 0) and into an int32 bias at scale s_x s_w, as the kernel adds it.
+* **the next quantizer's interval lower bound** (EWGS's l) folds into that bias, and the ReLU
+  before it into the lower bound of the ``Clip`` that follows the ``QuantizeLinear``: for
+  y' = y - l, clamp(round((relu(y) - l) / s), 0, top) = clamp(round(y' / s), c0, top) with
+  c0 = clamp(round(-l / s), 0, top), since rounding is monotone.
+* the k-bit range is a uint8 ``Clip`` after the ``QuantizeLinear`` (a float clamp before it would
+  block the fusion); signed grids (the residual branches) are uint8 with zero point -qmin, so that
+  both inputs of an addition have one type, as ``QLinearAdd`` requires.
+* option-A shortcuts subsample and zero-pad the uint8 codes themselves (``Slice``, ``Pad`` with the
+  zero point), so the addition's inputs come straight from ``DequantizeLinear``.
+
+What stays float: the input normalization, a full-precision stem and classifier (the paper's
+``--first-last fp``), the pooling, and, without ``--residual-bits``, the residual stream (each block's
+second convolution then runs in float on dequantized codes). :class:`IntegerReport` says per layer
+which kernel it gets. Quantizers whose grid has no integer zero point (EWGS's signed inputs,
+1-bit sign quantizers) and weights whose codes need more than 8 bits (8-bit EWGS/DoReFa/STE
+weights: odd codes up to +-255) are refused in one line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import DaqkdError
+from .export import INPUT_NAME, OPSET, OUTPUT_NAME, require, weight_codes
+
+INT16_MAX = 32767  # the int16 sum of two u8 x s8 products in AVX2's vpmaddubsw
+INT8_MAX = 127
+
+
+@dataclass
+class Codes:
+    """A uint8 tensor of the graph holding integer codes: value = scale (code - zero_point).
+    ``grid`` is the quantizer module whose grid the codes are on; ``top`` the largest code."""
+
+    name: str
+    scale: float
+    zero_point: int
+    top: int
+    grid: nn.Module | None = None
+
+
+@dataclass
+class InputGrid:
+    """An activation quantizer as integer arithmetic: code = clamp(round((x - shift) / scale), qmin,
+    qmax) + zero_point in uint8; the next layer sees out_scale (code - zero_point)."""
+
+    scale: float
+    shift: float
+    qmin: int
+    qmax: int
+    zero_point: int
+    out_scale: float
+
+    @property
+    def top(self) -> int:
+        return self.qmax + self.zero_point
+
+
+def input_grid(quantizer: nn.Module, where: str) -> InputGrid:
+    """The integer form of an activation quantizer's grid, or one error line for a grid without an
+    integer zero point."""
+    grid = quantizer.grid()
+    if grid.binary:
+        raise DaqkdError(f"{where}: 1-bit sign inputs cannot run in integer kernels (their codes are -1/+1): "
+                         "export without --integer")
+    if grid.out_shift is not None and float(grid.out_shift) != 0.0:
+        raise DaqkdError(f"{where}: its quantized inputs have an offset ({float(grid.out_shift):.4g}) that is not a "
+                         "whole "
+                         "number of levels (EWGS's signed inputs), which integer kernels cannot represent: export "
+                         "without --integer")
+    scale = grid.scale if grid.scale is not None else grid.out_scale
+    zero_point = -grid.qmin if grid.qmin < 0 else 0
+    if grid.qmax + zero_point > 255:
+        raise DaqkdError(f"{where}: codes {grid.qmin}..{grid.qmax} do not fit 8 bits: export without --integer")
+    return InputGrid(float(scale), float(grid.shift) if grid.shift is not None else 0.0, grid.qmin, grid.qmax,
+                     zero_point, float(grid.out_scale))
+
+
+def symmetric_weight_codes(layer: nn.Module, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """(codes int64 (C, ...), scale float64 (C,)) with zero point 0 and the fake-quantized weight =
+    scale_c codes (per output channel c)."""
+    quantizer = layer.weight_quantizer
+    weight = layer.weight.detach().float().cpu()
+    grid = quantizer.grid(weight)
+    if grid.binary:
+        raise DaqkdError(f"{where}: 1-bit weights cannot run in integer kernels: export without --integer")
+    with torch.no_grad():
+        q = weight_codes(quantizer(weight), grid).to(torch.int64).numpy()
+    channels = weight.shape[0]
+    scale = np.broadcast_to(grid.out_scale.double().numpy(), (channels,)).copy()
+    shift = np.zeros(channels) if grid.out_shift is None else np.broadcast_to(grid.out_shift.double().numpy(),
+                                                                               (channels,))
+    zero = -shift / scale  # w = scale (q - zero)
+    view = (-1,) + (1,) * (q.ndim - 1)
+    if np.allclose(zero, np.round(zero), atol=1e-4):
+        codes = q - np.round(zero).astype(np.int64).reshape(view)
+    elif np.allclose(2 * zero, np.round(2 * zero), atol=1e-4):  # odd-level grids: half-integer zero point
+        codes, scale = 2 * q - np.round(2 * zero).astype(np.int64).reshape(view), scale / 2
+    else:
+        raise DaqkdError(f"{where}: its weight grid has a zero point of {zero.flat[0]:.4g} levels, neither whole nor "
+                         "half: export without --integer")
+    if np.abs(codes).max(initial=0) > INT8_MAX:
+        raise DaqkdError(f"{where}: its {quantizer.bits}-bit weight codes reach +-{np.abs(codes).max()}, beyond int8 "
+                         "(the odd codes of 8-bit EWGS/DoReFa/STE weights need 9 bits): export without --integer, "
+                         "or quantize weights to 7 bits or fewer")
+    return codes, scale
+
+
+def fold_batchnorm(bn: nn.Module | None, channels: int,
+                   conv_bias: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray]:
+    """(factor, offset) float64 (C,) with BN(conv + conv_bias) = factor conv + offset, BN in eval mode."""
+    bias = np.zeros(channels) if conv_bias is None else conv_bias.detach().double().cpu().numpy()
+    if bn is None or isinstance(bn, nn.Identity):
+        return np.ones(channels), bias
+    if not isinstance(bn, nn.BatchNorm2d) or not bn.track_running_stats or bn.running_mean is None:
+        raise DaqkdError(f"{type(bn).__name__} after a convolution cannot be folded: export without --integer")
+    gamma = bn.weight.detach().double().cpu().numpy() if bn.weight is not None else np.ones(channels)
+    beta = bn.bias.detach().double().cpu().numpy() if bn.bias is not None else np.zeros(channels)
+    factor = gamma / np.sqrt(bn.running_var.detach().double().cpu().numpy() + bn.eps)
+    return factor, beta + factor * (bias - bn.running_mean.detach().double().cpu().numpy())
+
+
+KERNELS = {"integer": "integer in and out (QLinearConv)",
+           "float-out": "integer inputs and weights, float output into the float residual stream",
+           "float": "full precision (float Conv, BatchNorm folded)"}
+
+
+@dataclass
+class IntegerLayer:
+    """What :func:`export_integer_onnx` made of one convolution: ``kernel`` "integer" (QLinearConv:
+    integer input and weights, int32 bias, requantized output), "float-out" (integer input and
+    weights, float output: the residual stream is float) or "float" (a full-precision layer);
+    ``multiplier``: the smallest m_c; ``bias_error``: the largest |stored - exact bias| in units
+    of the output grid's step (0 for float outputs)."""
+
+    kernel: str
+    weight_bits: int
+    input_bits: int
+    multiplier: int = 1
+    bias_error: float = 0.0
+
+
+@dataclass
+class IntegerReport:
+    path: str
+    file_bytes: int
+    image_size: int
+    layers: dict[str, IntegerLayer] = field(default_factory=dict)
+    additions: dict[str, str] = field(default_factory=dict)  # block -> "integer" | "float"
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+class GraphBuilder:
+    """Nodes and initializers of one ONNX graph, with fresh value names."""
+
+    def __init__(self) -> None:
+        self.nodes: list[Any] = []
+        self.initializers: list[Any] = []
+        self.outputs: list[str] = []  # extra graph outputs (codes, for the equivalence tests)
+        self._names: set[str] = set()
+
+    def fresh(self, hint: str) -> str:
+        name, i = hint, 1
+        while name in self._names:
+            i += 1
+            name = f"{hint}_{i}"
+        self._names.add(name)
+        return name
+
+    def constant(self, hint: str, value: Any, dtype: Any) -> str:
+        from onnx import numpy_helper
+
+        name = self.fresh(hint)
+        self.initializers.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+        return name
+
+    def node(self, op: str, inputs: list[str], hint: str, **attributes: Any) -> str:
+        from onnx import helper
+
+        out = self.fresh(hint)
+        self.nodes.append(helper.make_node(op, inputs, [out], name=out, **attributes))
+        return out
+
+
+def active(quantizer: nn.Module | None) -> nn.Module | None:
+    """``quantizer`` if it quantizes, None for a full-precision one or an identity placeholder."""
+    from .quant import Quantizer
+    from .quant.base import Identity
+
+    return quantizer if isinstance(quantizer, Quantizer) and not isinstance(quantizer, Identity) else None
+
+
+def input_quantizer(layer: nn.Module) -> nn.Module | None:
+    """A quantized layer's input quantizer, None for float inputs."""
+    return active(getattr(layer, "act_quantizer", None))
+
+
+class IntegerResNet:
+    """Builds the integer graph of a quantized CifarResNet (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, expose_codes: bool = False) -> None:
+        from .models.resnet_cifar import CifarResNet
+
+        net = model.model if hasattr(model, "model") else model
+        if not isinstance(net, CifarResNet):
+            raise DaqkdError(f"--integer supports the CIFAR ResNets (resnet20 ... resnet110, option A or B), not "
+                             f"{type(net).__name__}: export without --integer")
+        self.model, self.net = model, net
+        self.graph = GraphBuilder()
+        self.layers: dict[str, IntegerLayer] = {}
+        self.additions: dict[str, str] = {}
+        self.expose_codes = expose_codes
+        self.names = {module: name for name, module in net.named_modules()}
+
+    # --- values ---
+
+    def dequantize(self, codes: Codes) -> str:
+        g = self.graph
+        return g.node("DequantizeLinear", [codes.name, g.constant(f"{codes.name}_scale", codes.scale, np.float32),
+                                           g.constant(f"{codes.name}_zero", codes.zero_point, np.uint8)],
+                      f"{codes.name}_dq")
+
+    def as_float(self, value: Codes | str) -> str:
+        return self.dequantize(value) if isinstance(value, Codes) else value
+
+    def quantize(self, x: str, grid: InputGrid, quantizer: nn.Module, low: int | None = None) -> Codes:
+        """x float -> QuantizeLinear (uint8, grid.zero_point) -> Clip to the grid's codes (from ``low``
+        when a folded ReLU raises the lowest one)."""
+        g = self.graph
+        hint = self.names[quantizer].replace(".", "_")
+        q = g.node("QuantizeLinear", [x, g.constant(f"{hint}_scale", grid.scale, np.float32),
+                                      g.constant(f"{hint}_zero", grid.zero_point, np.uint8)], f"{hint}_q")
+        lowest = (grid.qmin if low is None else low) + grid.zero_point
+        if lowest > 0 or grid.top < 255:
+            q = g.node("Clip", [q, g.constant(f"{hint}_low", lowest, np.uint8),
+                                g.constant(f"{hint}_high", grid.top, np.uint8)], f"{hint}_codes")
+        if self.expose_codes:
+            g.outputs.append(q)
+        return Codes(q, grid.out_scale, grid.zero_point, grid.top, quantizer)
+
+    def quantize_input(self, x: Codes | str, quantizer: nn.Module) -> Codes:
+        """The codes ``quantizer`` (a layer's input quantizer) makes of ``x``: as they are when ``x``
+        is on its grid already, else through float (dequantize, subtract the lower bound, quantize)."""
+        if isinstance(x, Codes) and x.grid is quantizer:
+            return x
+        grid = input_grid(quantizer, self.names[quantizer])
+        value = self.as_float(x)
+        if grid.shift != 0.0:
+            value = self.graph.node("Sub", [value, self.graph.constant("shift", grid.shift, np.float32)], "shifted")
+        return self.quantize(value, grid, quantizer)
+
+    # --- layers ---
+
+    def conv(self, x: Codes | str, conv: nn.Module, bn: nn.Module | None, relu: bool,
+             output: nn.Module | None) -> Codes | str:
+        """conv -> bn [-> relu] [-> ``output`` quantizer]: codes when ``output`` is given, else float."""
+        from .quant import QuantConv2d
+        from .quant.base import Identity
+
+        g, name = self.graph, self.names[conv]
+        hint = name.replace(".", "_")
+        channels = conv.out_channels
+        factor, offset = fold_batchnorm(bn, channels, conv.bias)
+        out_grid = input_grid(output, self.names[output]) if output is not None else None
+        quantized = isinstance(conv, QuantConv2d) and not isinstance(conv.weight_quantizer, Identity)
+        attrs = {"strides": list(conv.stride), "pads": [*conv.padding, *conv.padding],
+                 "dilations": list(conv.dilation), "group": conv.groups}
+        if quantized and not isinstance(conv.act_quantizer, Identity):
+            codes_in = self.quantize_input(x, conv.act_quantizer)
+            codes, scale = symmetric_weight_codes(conv, name)
+            flat = np.abs(codes.reshape(channels, -1)).max(axis=1)
+            widest = np.maximum(flat, 1)
+            multiplier = np.minimum(INT8_MAX // widest, INT16_MAX // (2 * codes_in.top * widest))
+            if multiplier.min() < 1:
+                raise DaqkdError(f"{name}: {conv.act_quantizer.bits}-bit inputs times {conv.weight_quantizer.bits}-bit "
+                                 f"weights can overflow the int16 pair sums of AVX2 int8 kernels (weight codes up to "
+                                 f"+-{int(flat.max())}; at most {INT16_MAX // (2 * codes_in.top)} fit beside input "
+                                 f"codes up to {codes_in.top}): export without --integer, or train with fewer bits")
+            view = (-1,) + (1,) * (codes.ndim - 1)
+            signs = np.where(factor < 0, -1, 1)
+            int_codes = (codes * (signs * multiplier).reshape(view)).astype(np.int8)
+            w_scale = (scale * np.where(factor == 0, 1.0, np.abs(factor)) / multiplier).astype(np.float32)
+            if (factor == 0).any():
+                int_codes[factor == 0] = 0
+            weight = g.node("DequantizeLinear", [g.constant(f"{hint}_weight_codes", int_codes, np.int8),
+                                                 g.constant(f"{hint}_weight_scale", w_scale, np.float32)],
+                            f"{hint}_weight", axis=0)
+            bias = offset - (out_grid.shift if out_grid is not None else 0.0)
+            inputs = [self.dequantize(codes_in), weight]
+            layer = IntegerLayer("integer" if out_grid is not None else "float-out", conv.weight_quantizer.bits,
+                                 conv.act_quantizer.bits, int(multiplier.min()))
+            if out_grid is not None:
+                bias_scale = (np.float32(codes_in.scale) * w_scale).astype(np.float32)
+                bias_codes = np.rint(bias / bias_scale.astype(np.float64))
+                if np.abs(bias_codes).max(initial=0) >= 2 ** 31:
+                    raise DaqkdError(f"{name}: its bias does not fit int32 at the kernel's scale: export without "
+                                     "--integer")
+                layer.bias_error = float(np.abs(bias_codes * bias_scale - bias).max() / out_grid.scale)
+                inputs.append(g.node("DequantizeLinear", [g.constant(f"{hint}_bias_codes", bias_codes, np.int32),
+                                                          g.constant(f"{hint}_bias_scale", bias_scale, np.float32)],
+                                     f"{hint}_bias", axis=0))
+            else:
+                inputs.append(g.constant(f"{hint}_bias", bias, np.float32))
+        else:  # full precision (or a layer whose inputs stay float): BN folded into float weights
+            if quantized:
+                raise DaqkdError(f"{name}: quantized weights with full-precision inputs cannot run in integer "
+                                 "kernels: export without --integer")
+            weight = conv.weight.detach().double().cpu().numpy() * factor.reshape((-1,) + (1,) * 3)
+            inputs = [self.as_float(x), g.constant(f"{hint}_weight", weight, np.float32),
+                      g.constant(f"{hint}_bias", offset - (out_grid.shift if out_grid is not None else 0.0),
+                                 np.float32)]
+            layer = IntegerLayer("float", 32, 32)
+        self.layers[name] = layer
+        y = g.node("Conv", inputs, f"{hint}_out", **attrs)
+        if out_grid is None:
+            return g.node("Relu", [y], f"{hint}_relu") if relu else y
+        low = None
+        if relu:  # relu(y) - l >= -l: the ReLU is the lowest code round(-l / s) (module docstring)
+            low = int(np.clip(torch.round(torch.tensor(0.0 - out_grid.shift, dtype=torch.float32)
+                                          / torch.tensor(out_grid.scale, dtype=torch.float32)).item(),
+                              out_grid.qmin, out_grid.qmax))
+            low = max(low, out_grid.qmin)
+        return self.quantize(y, out_grid, output, low)
+
+    def block(self, x: Codes | str, block: nn.Module) -> Codes | str:
+
+        name = self.names[block]
+        integer = active(block.output_quantizer) is not None
+        residual_q = block.residual_quantizer if integer else None
+        h = self.conv(x, block.conv1, block.bn1, relu=True, output=input_quantizer(block.conv2))
+        r = self.conv(h, block.conv2, block.bn2, relu=False, output=residual_q)
+        if block.projects:
+            shortcut = self.conv(x, block.downsample[0], block.downsample[1], relu=False,
+                                 output=block.shortcut_quantizer if integer else None)
+        elif hasattr(block, "shortcut") and not isinstance(block.shortcut, nn.Identity):
+            shortcut = self.pad_shortcut(x, block.shortcut.pad, block.conv1.out_channels)
+        else:
+            shortcut = x
+        g = self.graph
+        if integer:
+            if not isinstance(r, Codes) or not isinstance(shortcut, Codes):
+                raise DaqkdError(f"{name}: its residual branch is not quantized: export without --integer")
+            total = g.node("Add", [self.dequantize(r), self.dequantize(shortcut)], f"{name.replace('.', '_')}_sum")
+            grid = input_grid(block.output_quantizer, self.names[block.output_quantizer])
+            if grid.qmin < 0:
+                raise DaqkdError(f"{name}: a signed block output cannot absorb the ReLU: export without --integer")
+            self.additions[name] = "integer"
+            # the ReLU is the Q's saturation at zero point 0 (onnxruntime removes a ReLU there too)
+            return self.quantize(total, grid, block.output_quantizer)
+        self.additions[name] = "float"
+        total = g.node("Add", [self.as_float(r), self.as_float(shortcut)], f"{name.replace('.', '_')}_sum")
+        return g.node("Relu", [total], f"{name.replace('.', '_')}_out")
+
+    def pad_shortcut(self, x: Codes | str, pad: int, channels: int) -> Codes | str:
+        """Option A: x[:, :, ::2, ::2] zero-padded to ``channels``. On codes it is a 1x1 convolution with
+        stride 2 and 0/1 weights, requantized at the input's own scale (a multiplier of exactly 1):
+        exact, an integer kernel, and it keeps the graph in onnxruntime's NHWC layout, where a
+        strided Slice would run ~10x slower; on float values it is Slice + Pad."""
+        g = self.graph
+        int64 = np.int64
+        if isinstance(x, Codes):
+            eye = np.zeros((channels, channels - 2 * pad, 1, 1), dtype=np.int8)
+            eye[np.arange(pad, channels - pad), np.arange(channels - 2 * pad)] = 1
+            weight = g.node("DequantizeLinear", [g.constant("shortcut_weight_codes", eye, np.int8),
+                                                 g.constant("shortcut_weight_scale", np.ones(channels), np.float32)],
+                            "shortcut_weight", axis=0)
+            bias_scale = g.constant("shortcut_bias_scale", np.full(channels, x.scale), np.float32)
+            bias = g.node("DequantizeLinear", [g.constant("shortcut_bias_codes", np.zeros(channels), np.int32),
+                                               bias_scale], "shortcut_bias", axis=0)
+            y = g.node("Conv", [self.dequantize(x), weight, bias], "shortcut", strides=[2, 2])
+            q = g.node("QuantizeLinear", [y, g.constant("shortcut_scale", x.scale, np.float32),
+                                          g.constant("shortcut_zero", x.zero_point, np.uint8)], "shortcut_codes")
+            return Codes(q, x.scale, x.zero_point, x.top, None)
+        sliced = g.node("Slice", [x, g.constant("starts", [0, 0], int64), g.constant("ends", [2 ** 62, 2 ** 62], int64),
+                                  g.constant("axes", [2, 3], int64), g.constant("steps", [2, 2], int64)], "subsampled")
+        pads = g.constant("pads", [0, pad, 0, 0, 0, pad, 0, 0], int64)
+        return g.node("Pad", [sliced, pads, g.constant("pad_value", 0.0, np.float32)], "padded")
+
+    def build(self, image_size: int) -> Any:
+        from onnx import TensorProto, helper
+
+
+        g, net = self.graph, self.net
+        norm = self.model.normalization if hasattr(self.model, "normalization") else None
+        x = g.node("Cast", [INPUT_NAME], "images_float", to=TensorProto.FLOAT)
+        if norm is not None:  # NormalizedModel's (x - 255 mean) / (255 std), in the same float32 ops
+            mean = (torch.tensor(norm.mean).view(1, 3, 1, 1) * 255.0).numpy()
+            std = (torch.tensor(norm.std).view(1, 3, 1, 1) * 255.0).numpy()
+            x = g.node("Div", [g.node("Sub", [x, g.constant("mean", mean, np.float32)], "centered"),
+                               g.constant("std", std, np.float32)], "normalized")
+        stem_q = active(net.stem_quantizer)
+        value: Codes | str = self.conv(x, net.conv1, net.bn1, relu=True, output=stem_q)
+        for block in net.blocks():
+            value = self.block(value, block)
+        pooled = g.node("Flatten", [g.node("GlobalAveragePool", [self.as_float(value)], "pooled")], "features")
+        head = net.head
+        from .quant import QuantLinear
+
+        if isinstance(head, QuantLinear):
+            raise DaqkdError("a quantized classifier (--first-last 8 or same) is not supported by --integer yet: "
+                             "export without --integer")
+        logits = g.node("Gemm", [pooled, g.constant("head_weight", head.weight.detach().numpy(), np.float32),
+                                 g.constant("head_bias", head.bias.detach().numpy() if head.bias is not None
+                                            else np.zeros(head.out_features), np.float32)], OUTPUT_NAME, transB=1)
+        assert logits == OUTPUT_NAME
+        inputs = [helper.make_tensor_value_info(INPUT_NAME, TensorProto.UINT8, ["batch", 3, image_size, image_size])]
+        outputs = [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", head.out_features])]
+        outputs += [helper.make_tensor_value_info(name, TensorProto.UINT8, ["batch", "channels", "height", "width"])
+                    for name in g.outputs]
+        graph = helper.make_graph(g.nodes, "daqkd_integer", inputs, outputs, g.initializers)
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="daqkd")
+
+
+def export_integer_onnx(model: nn.Module, path: str | Path, *, image_size: int = 32,
+                        metadata: dict[str, Any] | None = None, expose_codes: bool = False) -> IntegerReport:
+    """Write ``model`` (a NormalizedModel of a quantized CifarResNet, eval mode) as an integer-kernel
+    ONNX file (module docstring): input ``images`` uint8 (batch, 3, image_size, image_size), output
+    ``logits`` float32 (batch, classes); ``expose_codes`` also outputs every quantizer's uint8 codes
+    (named after the quantizer) for equivalence tests. Checked with onnx.checker, written atomically."""
+    import json
+
+    onnx = require("onnx")
+    from .rundir import atomic_path
+
+    model = model.cpu().eval()
+    builder = IntegerResNet(model, expose_codes)
+    proto = builder.build(image_size)
+    props = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+    props["integer"] = json.dumps({name: layer.kernel for name, layer in builder.layers.items()})
+    for key, value in sorted(props.items()):
+        proto.metadata_props.add(key=key, value=value)
+    onnx.checker.check_model(proto, full_check=True)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        onnx.save(proto, str(tmp))
+    return IntegerReport(str(path), path.stat().st_size, image_size, builder.layers, builder.additions, props)

@@ -1,0 +1,179 @@
+"""daqkd.integer_export: onnxruntime fuses every quantized convolution and residual addition into
+integer kernels, and each quantizer lands on PyTorch's level except at rounding ties."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from daqkd.cli import main
+from daqkd.data import load_image_folder
+from daqkd.errors import DaqkdError
+from daqkd.integer_export import active, export_integer_onnx, input_grid
+from daqkd.loading import load_model
+from daqkd.models import NormalizedModel, create_model
+from daqkd.models.normalize import NAMED_NORMALIZATIONS
+from daqkd.quant import QuantConfig, Quantizer, quantize_model
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    """200 real CIFAR-10 test images (20 per class), uint8."""
+    from .conftest import CIFAR10
+
+    assert CIFAR10.is_dir(), f"tests need the shared CIFAR-10 ImageFolder at {CIFAR10}"
+    return load_image_folder(CIFAR10, "test", limit_per_class=20).images
+
+
+def student(config: QuantConfig, images: torch.Tensor, arch: str = "resnet20") -> NormalizedModel:
+    """The shared pretrained ResNet-20 (or a seeded option-B one), quantized and calibrated."""
+    from .conftest import RESNET20
+
+    if arch == "resnet20":
+        model, _ = load_model(RESNET20, arch="resnet20", normalize="imagenet", num_classes=10)
+    else:
+        torch.manual_seed(0)
+        model = NormalizedModel(create_model(arch, 10), NAMED_NORMALIZATIONS["imagenet"])
+    model.eval()
+    quantize_model(model.model, config)
+    with torch.no_grad():
+        model(images[:128])  # calibration: the quantizers initialize on their first batch
+    return model
+
+
+def session(path: Path, optimized: bool = True, keep: Path | None = None) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized
+                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    if keep is not None:
+        options.optimized_model_filepath = str(keep)
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def optimized_ops(path: Path, tmp_path: Path) -> Counter:
+    keep = tmp_path / "optimized.onnx"
+    session(path, keep=keep)
+    return Counter(node.op_type for node in onnx.load(str(keep)).graph.node)
+
+
+@pytest.mark.parametrize("arch,residual_bits,convs,adds", [
+    ("resnet20", 8, 18 + 2, 9),  # every conv, plus the two option-A shortcuts as 0/1 convolutions
+    ("resnet20b", 8, 18 + 2, 9),  # every conv, plus the two projection shortcuts
+    ("resnet20", 32, 9, 0),  # float residual stream: only the blocks' first convolutions
+])
+def test_onnxruntime_fuses_every_quantized_conv_and_addition(arch: str, residual_bits: int, convs: int, adds: int,
+                                                             images: torch.Tensor, tmp_path: Path) -> None:
+    model = student(QuantConfig("ewgs", 4, 4, residual_bits=residual_bits), images, arch)
+    report = export_integer_onnx(model, tmp_path / "int.onnx")
+    ops = optimized_ops(tmp_path / "int.onnx", tmp_path)
+    assert ops["QLinearConv"] == convs, ops
+    assert ops["QLinearAdd"] == adds, ops
+    assert ops["Conv"] == 1  # the full-precision stem (FusedConv: the float second convolutions)
+    assert ops["FusedConv"] == (0 if residual_bits == 8 else 9), ops
+    kernels = Counter(layer.kernel for layer in report.layers.values())
+    expected_integer = 18 + (2 if arch == "resnet20b" else 0) if residual_bits == 8 else 9
+    assert kernels["integer"] == expected_integer, kernels
+    weights = onnx.load(str(tmp_path / "int.onnx"))
+    codes = [t for t in weights.graph.initializer if t.name.endswith("_weight_codes") and "shortcut" not in t.name]
+    assert codes and all(t.data_type == onnx.TensorProto.INT8 for t in codes)
+
+
+@pytest.mark.parametrize("method,bits", [("ewgs", 4), ("ewgs", 2), ("lsq", 3), ("pact", 3), ("dorefa", 2)])
+def test_every_quantizer_lands_on_pytorchs_level_except_at_a_rounding_tie(method: str, bits: int,
+                                                                          images: torch.Tensor,
+                                                                          tmp_path: Path) -> None:
+    """Layer by layer: PyTorch is fed onnxruntime's codes at every quantizer (teacher forcing), so each
+    quantizer compares one layer's arithmetic. A code may differ only by one level, and only where
+    PyTorch's value before rounding lies within the int32 bias's rounding error (or float noise) of
+    a half level; the fused integer graph and the unoptimized QDQ graph are both checked."""
+    model = student(QuantConfig(method, bits, bits, residual_bits=8), images)
+    report = export_integer_onnx(model, tmp_path / "int.onnx", expose_codes=True)
+    tolerance = max(layer.bias_error for layer in report.layers.values()) + 1e-4
+    assert tolerance < 0.05  # the code multipliers keep the bias within a twentieth of a level
+    x = images[:64]
+    quantizers = {name: m for name, m in model.model.named_modules() if isinstance(m, Quantizer)
+                  and active(m) is not None and not m.is_weight}
+    for optimized in (True, False):
+        sess = session(tmp_path / "int.onnx", optimized)
+        names = [o.name for o in sess.get_outputs()]
+        compared = forced_comparison(model, quantizers, dict(zip(names, sess.run(None, {"images": x.numpy()}))), x)
+        assert set(compared) == set(quantizers)
+        for name, (value, ours, theirs) in compared.items():
+            moved = ours != theirs
+            assert np.abs(ours - theirs).max() <= 1, name
+            assert moved.mean() < 0.01, (name, moved.mean())
+            distance = np.abs(value[moved] - np.floor(value[moved]) - 0.5)
+            assert (distance <= tolerance).all(), (name, distance.max(), tolerance)
+
+
+def forced_comparison(model: torch.nn.Module, quantizers: dict[str, Quantizer], outputs: dict[str, np.ndarray],
+                      x: torch.Tensor) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Run ``model`` on ``x`` with each quantizer's output replaced by onnxruntime's codes of it
+    (``outputs``, named after the quantizer); per quantizer (PyTorch's value before rounding, its
+    codes, onnxruntime's codes)."""
+    compared, hooks = {}, []
+
+    def force(module: Quantizer, args: tuple[torch.Tensor], out: torch.Tensor, name: str) -> torch.Tensor:
+        grid = input_grid(module, name)
+        value = ((args[0] - grid.shift) / grid.scale).double().numpy()  # float32, as the quantizers
+        ours = (torch.round(out / grid.out_scale) + grid.zero_point).double().numpy()
+        recomputed = np.clip(np.round(value), grid.qmin, grid.qmax) + grid.zero_point
+        assert (recomputed != ours).mean() < 1e-5, name  # the model's codes are its value's rounding
+        key = [n for n in outputs if n.startswith(name.replace(".", "_") + "_")]
+        theirs = outputs[key[-1]].astype(np.float64)
+        compared[name] = (value, ours, theirs)
+        return (torch.from_numpy(theirs).float() - grid.zero_point) * grid.out_scale
+
+    for name, module in quantizers.items():
+        hooks.append(module.register_forward_hook(lambda m, a, o, name=name: force(m, a, o, name)))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return compared
+
+
+def test_what_cannot_run_in_integer_kernels_is_one_line(images: torch.Tensor, tmp_path: Path) -> None:
+    cases = [
+        (student(QuantConfig("ewgs", 8, 8, residual_bits=8), images),
+         "layer1.0.conv1: its 8-bit weight codes reach +-255, beyond int8"),
+        (student(QuantConfig("lsq", 8, 8, residual_bits=8), images),
+         "8-bit inputs times 8-bit weights can overflow the int16 pair sums of AVX2 int8 kernels"),
+        (NormalizedModel(quantize_model(create_model("vgg8", 10), QuantConfig("ewgs", 4, 4)),
+                         NAMED_NORMALIZATIONS["imagenet"]), "--integer supports the CIFAR ResNets"),
+    ]
+    for model, message in cases:
+        with pytest.raises(DaqkdError, match=re.escape(message)) as info:
+            export_integer_onnx(model, tmp_path / "bad.onnx")
+        assert "\n" not in str(info.value) and "export without --integer" in str(info.value)
+        assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_cli_integer_export_and_refusals(tiny_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    common = ["--data", str(tiny_folder), "--epochs", "1", "--batch-size", "8", "--no-progress", "--aug", "none"]
+    assert main(["teacher", *common, "--arch", "resnet20", "--out", str(tmp_path / "teacher")]) == 0
+    assert main(["train", *common, "--teacher", str(tmp_path / "teacher"), "--w-bits", "4", "--a-bits", "4",
+                 "--residual-bits", "8", "--out", str(tmp_path / "student")]) == 0
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "student"), "--integer", "--out", str(tmp_path / "s.onnx")]) == 0
+    printed = capsys.readouterr().out
+    assert "18 convolutions: integer in and out (QLinearConv)" in printed
+    assert "9 residual additions: integer (QLinearAdd)" in printed
+    for extra, message in ((["--fp"], "the --fp teacher has no integer form"),):
+        assert main(["export", str(tmp_path / "student"), "--integer", *extra, "--out", str(tmp_path / "x.onnx")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err
+    assert main(["export", str(tmp_path / "teacher"), "--integer", "--out", str(tmp_path / "x.onnx")]) == 2
+    assert "is a full-precision model: --integer exports quantized students" in capsys.readouterr().err
+    assert not (tmp_path / "x.onnx").exists()
