@@ -1,17 +1,19 @@
 """ONNX export: file size and onnxruntime CPU latency of quantized ResNet-20s against the FP export.
 
 The shared pretrained CIFAR-10 ResNet-20 (../shared/weights), quantized with each ``--configs``
-entry (METHOD:WxAy, per-tensor, FP stem and head as in the paper) and calibrated on 256 real test
-images (no training: sizes and latency do not depend on it), is exported with ``daqkd.export``,
-beside the FP model itself. For each file: its size, and the median latency of ``--repeats`` runs at
-batch 1 and 256 in onnxruntime's CPU provider, with all graph optimizations (what a deployment
-runs) and with none, interleaved in one process (the machine is noisy: compare ratios). Whether
+entry and calibrated on 256 real test images (no training: sizes and latency do not depend on it),
+is exported beside the FP model itself. An entry is METHOD:WxAy[Rr][:int]: per-tensor, FP stem and
+head as in the paper, ``Rr`` the residual stream at r bits (``--residual-bits``), ``:int`` the
+integer-kernel graph (``daqkd export --integer``) instead of the QDQ one. For each file: its size,
+and the median latency of ``--repeats`` runs at each ``--batches`` size in onnxruntime's CPU
+provider, with all graph optimizations (what a deployment runs) and with none, interleaved in one
+process (the machine is noisy: compare ratios). Whether
 integer kernels ran is read from the optimized graph onnxruntime writes: QLinearConv,
 ConvInteger or MatMulInteger nodes mean integer arithmetic; QuantizeLinear/DequantizeLinear left
 in the graph mean float convolutions with explicit (de)quantization around them.
 
 The last line printed is one JSON object: per config size_ratio (file bytes / FP file bytes),
-latency ratios to FP at batch 1 and 256 (optimizations on), and the integer op counts.
+latency ratios to FP at each batch size (optimizations on), and the integer op counts.
 """
 
 from __future__ import annotations
@@ -31,11 +33,13 @@ import torch
 
 from daqkd.data import load_image_folder
 from daqkd.export import export_onnx
+from daqkd.integer_export import export_integer_onnx
 from daqkd.loading import load_model
 from daqkd.quant import QuantConfig, quantize_model
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
-INTEGER_OPS = ("QLinearConv", "ConvInteger", "MatMulInteger", "QLinearMatMul", "MatMulNBits", "DynamicQuantizeLinear")
+INTEGER_OPS = ("QLinearConv", "QLinearAdd", "ConvInteger", "MatMulInteger", "QLinearMatMul", "MatMulNBits",
+               "DynamicQuantizeLinear")
 
 
 def build(config: str | None, images: torch.Tensor) -> torch.nn.Module:
@@ -43,9 +47,10 @@ def build(config: str | None, images: torch.Tensor) -> torch.nn.Module:
                           num_classes=10)
     model.eval()
     if config is not None:
-        method, bits = config.split(":")
-        w_bits, a_bits = (int(b) for b in bits.lstrip("W").split("A"))
-        quantize_model(model.model, QuantConfig(method, w_bits, a_bits))
+        method, bits = config.split(":")[:2]
+        bits, _, residual = bits.lstrip("W").partition("R")
+        w_bits, a_bits = (int(b) for b in bits.split("A"))
+        quantize_model(model.model, QuantConfig(method, w_bits, a_bits, residual_bits=int(residual or 32)))
         with torch.no_grad():
             model(images[:256])
     return model
@@ -64,24 +69,34 @@ def session(path: Path, optimized: bool, threads: int, save_to: Path | None = No
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", default="ewgs:W2A2,ewgs:W3A3,ewgs:W4A4,lsq:W8A8")
+    parser.add_argument("--configs", default="ewgs:W2A2,ewgs:W4A4,lsq:W8A8,ewgs:W4A4:int,ewgs:W4A4R8:int,"
+                                              "ewgs:W2A2R8:int")
+    parser.add_argument("--batches", default="1,64", help="batch sizes timed (default %(default)s)")
     parser.add_argument("--repeats", type=int, default=20, help="timed runs per file and batch size")
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
     args = parser.parse_args()
     images = load_image_folder(SHARED / "data/cifar10", "test", limit_per_class=26).images[:256]
-    batches = {1: images[:1].numpy(), 256: images.numpy()}
+    sizes = [int(b) for b in args.batches.split(",")]
+    images = images.repeat(max(1, -(-max(sizes) // len(images))), 1, 1, 1)
+    batches = {b: images[:b].numpy() for b in sizes}
     names = ["fp", *args.configs.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="bench_export_"))
     files, integer_ops, graph_ops = {}, {}, {}
     for name in names:
         path = tmp / f"{name.replace(':', '_')}.onnx"
-        export_onnx(build(None if name == "fp" else name, images), path)
+        model = build(None if name == "fp" else name, images)
+        if name.endswith(":int"):
+            export_integer_onnx(model, path)
+        else:
+            export_onnx(model, path)
         files[name] = path
         optimized = tmp / f"{path.stem}.opt.onnx"
         session(path, True, args.threads, optimized)
         ops = Counter(node.op_type for node in onnx.load(str(optimized)).graph.node)
         integer_ops[name] = {op: ops[op] for op in INTEGER_OPS if ops[op]}
-        graph_ops[name] = {op: ops[op] for op in ("QuantizeLinear", "DequantizeLinear", "Conv", "Clip") if ops[op]}
+        graph_ops[name] = {op: ops[op] for op in ("QuantizeLinear", "DequantizeLinear", "Conv", "FusedConv", "Clip",
+                                                  "Transpose") if ops[op]}
+        graph_ops[name]["nodes"] = sum(ops.values())
     sessions = {(name, opt): session(files[name], opt, args.threads) for name in names for opt in (True, False)}
     times: dict[tuple[str, bool, int], list[float]] = {key + (b,): [] for key in sessions for b in batches}
     for s in sessions.values():  # warm-up
@@ -106,9 +121,8 @@ def main() -> None:
               f"{graph_ops[name]}")
         result[name] = {
             "file_bytes": size, "size_ratio": round(size / fp_bytes, 4),
-            "latency_ratio_b1": round(median[(name, True, 1)] / median[("fp", True, 1)], 3),
-            "latency_ratio_b256": round(median[(name, True, 256)] / median[("fp", True, 256)], 3),
-            "ms_b1": round(1000 * median[(name, True, 1)], 3), "ms_b256": round(1000 * median[(name, True, 256)], 2),
+            **{f"latency_ratio_b{b}": round(median[(name, True, b)] / median[("fp", True, b)], 3) for b in batches},
+            **{f"ms_b{b}": round(1000 * median[(name, True, b)], 3) for b in batches},
             "integer_ops": integer_ops[name], "qdq_ops": graph_ops[name],
         }
     print(json.dumps(result))
