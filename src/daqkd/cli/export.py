@@ -26,8 +26,8 @@ def add_parser(subparsers: Any) -> None:
                    help="side of the square images the file takes (default: 32)")
     e.add_argument("--integer", action="store_true",
                    help="CIFAR ResNets: a graph that onnxruntime runs in integer kernels (QLinearConv; QLinearAdd "
-                        "for students trained with --residual-bits), BatchNorm folded, exact to the model up to "
-                        "rounding ties")
+                        "for students trained with --residual-bits), BatchNorm folded; levels match the model's "
+                        "except at rounding ties, widened by the int32 bias rounding it prints")
     e.set_defaults(func=cmd_export)
 
 
