@@ -66,8 +66,10 @@ def optimized_ops(path: Path, tmp_path: Path) -> Counter:
 
 
 @pytest.mark.parametrize("arch,residual_bits,convs,adds", [
-    ("resnet20", 8, 18 + 2, 9),  # every conv, plus the two option-A shortcuts as 0/1 convolutions
-    ("resnet20b", 8, 18 + 2, 9),  # every conv, plus the two projection shortcuts
+    # every conv, the two option-A shortcuts as 0/1 convolutions, the 9 requantizations of a block's
+    # 8-bit input to its first conv's bits as depthwise 1x1 convolutions
+    ("resnet20", 8, 18 + 2 + 9, 9),
+    ("resnet20b", 8, 18 + 2 + 9 + 2, 9),  # the two projection shortcuts and their inputs' requantizations
     ("resnet20", 32, 9, 0),  # float residual stream: only the blocks' first convolutions
 ])
 def test_onnxruntime_fuses_every_quantized_conv_and_addition(arch: str, residual_bits: int, convs: int, adds: int,
@@ -79,6 +81,8 @@ def test_onnxruntime_fuses_every_quantized_conv_and_addition(arch: str, residual
     assert ops["QLinearAdd"] == adds, ops
     assert ops["Conv"] == 1  # the full-precision stem (FusedConv: the float second convolutions)
     assert ops["FusedConv"] == (0 if residual_bits == 8 else 9), ops
+    if residual_bits == 8:  # float only at the ends: the stem's QuantizeLinear, the DequantizeLinear before pooling
+        assert (ops["QuantizeLinear"], ops["DequantizeLinear"]) == (1, 1), ops
     kernels = Counter(layer.kernel for layer in report.layers.values())
     expected_integer = 18 + (2 if arch == "resnet20b" else 0) if residual_bits == 8 else 9
     assert kernels["integer"] == expected_integer, kernels
@@ -113,6 +117,8 @@ def test_every_quantizer_lands_on_pytorchs_level_except_at_a_rounding_tie(method
             assert moved.mean() < 0.01, (name, moved.mean())
             distance = np.abs(value[moved] - np.floor(value[moved]) - 0.5)
             assert (distance <= tolerance).all(), (name, distance.max(), tolerance)
+            if name.endswith("conv1.act_quantizer"):  # requantized by a kernel checked on all 256 codes
+                assert not moved.any(), name
 
 
 def forced_comparison(model: torch.nn.Module, quantizers: dict[str, Quantizer], outputs: dict[str, np.ndarray],

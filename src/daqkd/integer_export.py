@@ -24,8 +24,11 @@ meet as written, so this module rewrites it exactly before writing the graph:
 * the k-bit range is a uint8 ``Clip`` after the ``QuantizeLinear`` (a float clamp before it would
   block the fusion); signed grids (the residual branches) are uint8 with zero point -qmin, so that
   both inputs of an addition have one type, as ``QLinearAdd`` requires.
-* option-A shortcuts subsample and zero-pad the uint8 codes themselves (``Slice``, ``Pad`` with the
-  zero point), so the addition's inputs come straight from ``DequantizeLinear``.
+* a block's 8-bit input reaches its first convolution's k-bit grid through a depthwise 1x1
+  convolution (weight m, the lower bound in its bias), checked against the quantizer on all 256
+  input codes at export (the DequantizeLinear -> Sub -> QuantizeLinear chain otherwise);
+* option-A shortcuts are 0/1 stride-2 convolutions of the codes, requantized at their own scale
+  (exact), so the addition's inputs come straight from ``DequantizeLinear``.
 
 What stays float: the input normalization, a full-precision stem and classifier (the paper's
 ``--first-last fp``), the pooling, and, without ``--residual-bits``, the residual stream (each block's
@@ -62,6 +65,7 @@ class Codes:
     zero_point: int
     top: int
     grid: nn.Module | None = None
+    channels: int = 0  # known where a convolution made them
 
 
 @dataclass
@@ -248,7 +252,8 @@ class IntegerResNet:
     def as_float(self, value: Codes | str) -> str:
         return self.dequantize(value) if isinstance(value, Codes) else value
 
-    def quantize(self, x: str, grid: InputGrid, quantizer: nn.Module, low: int | None = None) -> Codes:
+    def quantize(self, x: str, grid: InputGrid, quantizer: nn.Module, low: int | None = None,
+                 channels: int = 0) -> Codes:
         """x float -> QuantizeLinear (uint8, grid.zero_point) -> Clip to the grid's codes (from ``low``
         when a folded ReLU raises the lowest one)."""
         g = self.graph
@@ -261,7 +266,7 @@ class IntegerResNet:
                                 g.constant(f"{hint}_high", grid.top, np.uint8)], f"{hint}_codes")
         if self.expose_codes:
             g.outputs.append(q)
-        return Codes(q, grid.out_scale, grid.zero_point, grid.top, quantizer)
+        return Codes(q, grid.out_scale, grid.zero_point, grid.top, quantizer, channels)
 
     def quantize_input(self, x: Codes | str, quantizer: nn.Module) -> Codes:
         """The codes ``quantizer`` (a layer's input quantizer) makes of ``x``: as they are when ``x``
@@ -269,10 +274,46 @@ class IntegerResNet:
         if isinstance(x, Codes) and x.grid is quantizer:
             return x
         grid = input_grid(quantizer, self.names[quantizer])
+        if isinstance(x, Codes) and x.channels:
+            codes = self.requantize(x, grid, quantizer)
+            if codes is not None:
+                return codes
         value = self.as_float(x)
         if grid.shift != 0.0:
             value = self.graph.node("Sub", [value, self.graph.constant("shift", grid.shift, np.float32)], "shifted")
         return self.quantize(value, grid, quantizer)
+
+    def requantize(self, x: Codes, grid: InputGrid, quantizer: nn.Module) -> Codes | None:
+        """Codes on one grid -> ``quantizer``'s codes as one integer kernel: a depthwise 1x1
+        convolution with weight m (the largest within the AVX2 pair-sum bound), its bias the lower
+        bound, then the Q and Clip, instead of DequantizeLinear -> Sub -> QuantizeLinear -> Clip (three
+        float passes). The input has 256 possible codes, so the kernel's arithmetic (as onnxruntime's
+        requantization computes it, in float32) is checked against ``quantizer`` on every one of
+        them; None (the float path) if any differs."""
+        g = self.graph
+        m = max(1, min(INT8_MAX, INT16_MAX // (2 * max(x.top, 1))))
+        codes = np.arange(256)
+        bias_code = int(np.rint(-grid.shift * m / x.scale))
+        multiplier = np.float32(np.float32(x.scale) * np.float32(1.0 / m)) / np.float32(grid.scale)
+        acc = (m * (codes - x.zero_point) + bias_code).astype(np.float32)
+        kernel = np.clip(np.rint(acc * multiplier) + grid.zero_point, grid.qmin + grid.zero_point, grid.top)
+        values = (torch.arange(256, dtype=torch.float32) - x.zero_point) * torch.tensor(x.scale, dtype=torch.float32)
+        with torch.no_grad():
+            reference = torch.round(quantizer(values.view(1, 1, 16, 16)).reshape(-1) / grid.out_scale) + grid.zero_point
+        valid = slice(0, x.top + 1)
+        if not np.array_equal(kernel[valid], reference.numpy()[valid]):
+            return None
+        hint = self.names[quantizer].replace(".", "_")
+        c = x.channels
+        weight = g.node("DequantizeLinear", [g.constant(f"{hint}_requant_codes", np.full((c, 1, 1, 1), m), np.int8),
+                                             g.constant(f"{hint}_requant_scale", np.full(c, 1.0 / m), np.float32)],
+                        f"{hint}_requant_weight", axis=0)
+        bias_scale = (np.float32(x.scale) * np.full(c, 1.0 / m, dtype=np.float32)).astype(np.float32)
+        bias = g.node("DequantizeLinear", [g.constant(f"{hint}_requant_bias", np.full(c, bias_code), np.int32),
+                                           g.constant(f"{hint}_requant_bias_scale", bias_scale, np.float32)],
+                      f"{hint}_requant_bias", axis=0)
+        y = g.node("Conv", [self.dequantize(x), weight, bias], f"{hint}_requant", group=c)
+        return self.quantize(y, grid, quantizer, channels=c)
 
     # --- layers ---
 
@@ -345,7 +386,7 @@ class IntegerResNet:
                                           / torch.tensor(out_grid.scale, dtype=torch.float32)).item(),
                               out_grid.qmin, out_grid.qmax))
             low = max(low, out_grid.qmin)
-        return self.quantize(y, out_grid, output, low)
+        return self.quantize(y, out_grid, output, low, conv.out_channels)
 
     def block(self, x: Codes | str, block: nn.Module) -> Codes | str:
 
@@ -371,7 +412,7 @@ class IntegerResNet:
                 raise DaqkdError(f"{name}: a signed block output cannot absorb the ReLU: export without --integer")
             self.additions[name] = "integer"
             # the ReLU is the Q's saturation at zero point 0 (onnxruntime removes a ReLU there too)
-            return self.quantize(total, grid, block.output_quantizer)
+            return self.quantize(total, grid, block.output_quantizer, channels=block.conv2.out_channels)
         self.additions[name] = "float"
         total = g.node("Add", [self.as_float(r), self.as_float(shortcut)], f"{name.replace('.', '_')}_sum")
         return g.node("Relu", [total], f"{name.replace('.', '_')}_out")
