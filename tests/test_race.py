@@ -192,6 +192,18 @@ def test_train_aug_race_keeps_the_winners_run(tmp_path: Path, tiny_folder: Path,
     assert main(["train", "--resume", "--out", str(out), "--no-progress"]) == 0
 
 
+def test_train_aug_race_refuses_in_memory_data_instead_of_ignoring_it(tmp_path: Path, tiny_folder: Path) -> None:
+    from daqkd.api import StudentOptions, train_student
+    from daqkd.data import load_image_folder
+
+    images = load_image_folder(tiny_folder, "train")
+    options = StudentOptions(data=str(tiny_folder), teacher=str(tmp_path / "teacher"), aug="race",
+                             out=str(tmp_path / "student"))
+    with pytest.raises(DaqkdError, match=r"aug='race' reads its images from options.data .*pass data=None"):
+        train_student(options, data=(images, images))
+    assert not (tmp_path / "student").exists()
+
+
 def test_a_race_with_jobs_decides_as_a_serial_one_and_resumes_a_cut_rung(tmp_path: Path, tiny_folder: Path,
                                                                          capsys: pytest.CaptureFixture[str]) -> None:
     _, teacher = train_tiny_teacher(tmp_path, tiny_folder)

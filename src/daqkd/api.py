@@ -615,6 +615,9 @@ def _race_student(options: StudentOptions, data: RunData | tuple[ImageSet, ...] 
     Rerunning the command continues an interrupted race."""
     from .sweep_runner import run_sweep as sweep
 
+    if data is not None:  # the race's sweep loads options.data itself, once per student and rung
+        raise DaqkdError("aug='race' reads its images from options.data (a folder or .npz), not from data=: "
+                         "pass data=None and set data in the options")
     run = Path(options.out)  # type: ignore[arg-type]  (checked by the caller)
     check_output(run, "directory")
     race_dir = run / "race"
