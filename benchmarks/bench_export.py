@@ -6,8 +6,9 @@ is exported beside the FP model itself. An entry is METHOD:WxAy[Rr][:int]: per-t
 head as in the paper, ``Rr`` the residual stream at r bits (``--residual-bits``), ``:int`` the
 integer-kernel graph (``daqkd export --integer``) instead of the QDQ one. For each file: its size,
 and the median latency of ``--repeats`` runs at each ``--batches`` size in onnxruntime's CPU
-provider, with all graph optimizations (what a deployment runs) and with none, interleaved in one
-process (the machine is noisy: compare ratios). Whether
+provider, with all graph optimizations (what a deployment runs) and with none (unless
+``--no-unoptimized``), the files interleaved in one process, one batch size at a time (the machine is
+noisy: compare ratios). Whether
 integer kernels ran is read from the optimized graph onnxruntime writes: QLinearConv,
 ConvInteger or MatMulInteger nodes mean integer arithmetic; QuantizeLinear/DequantizeLinear left
 in the graph mean float convolutions with explicit (de)quantization around them.
@@ -74,6 +75,8 @@ def main() -> None:
     parser.add_argument("--batches", default="1,64", help="batch sizes timed (default %(default)s)")
     parser.add_argument("--repeats", type=int, default=20, help="timed runs per file and batch size")
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
+    parser.add_argument("--no-unoptimized", action="store_true",
+                        help="time only the optimized sessions (what a deployment runs), not the unoptimized too")
     args = parser.parse_args()
     images = load_image_folder(SHARED / "data/cifar10", "test", limit_per_class=26).images[:256]
     sizes = [int(b) for b in args.batches.split(",")]
@@ -97,26 +100,30 @@ def main() -> None:
         graph_ops[name] = {op: ops[op] for op in ("QuantizeLinear", "DequantizeLinear", "Conv", "FusedConv", "Clip",
                                                   "Transpose") if ops[op]}
         graph_ops[name]["nodes"] = sum(ops.values())
-    sessions = {(name, opt): session(files[name], opt, args.threads) for name in names for opt in (True, False)}
+    levels = (True,) if args.no_unoptimized else (True, False)
+    sessions = {(name, opt): session(files[name], opt, args.threads) for name in names for opt in levels}
     times: dict[tuple[str, bool, int], list[float]] = {key + (b,): [] for key in sessions for b in batches}
-    for s in sessions.values():  # warm-up
-        for batch in batches.values():
+    # one batch size at a time, the files interleaved within it: every file sees the same machine
+    # state, and a batch-1 run never follows a batch-64 one that has just flushed the caches (which
+    # cost batch 1 ~15 % in an earlier version that interleaved the sizes too)
+    for size, batch in batches.items():
+        for s in sessions.values():  # warm-up
             s.run(None, {"images": batch})
-    for _ in range(args.repeats):  # interleaved: every file sees the same machine state
-        for (name, opt), s in sessions.items():
-            for size, batch in batches.items():
+        for _ in range(args.repeats):
+            for (name, opt), s in sessions.items():
                 start = time.perf_counter()
                 s.run(None, {"images": batch})
                 times[(name, opt, size)].append(time.perf_counter() - start)
     median = {key: statistics.median(v) for key, v in times.items()}
     fp_bytes = files["fp"].stat().st_size
     print(f"{'model':<12} {'file KB':>8} {'size/FP':>8} " + " ".join(
-        f"{f'b{b} {o} ms':>13}" for b in batches for o in ('opt', 'noopt')) + "  integer ops / QDQ ops (optimized)")
+        f"{f'b{b} {o} ms':>13}" for b in batches for o in ('opt', 'noopt')[:len(levels)])
+        + "  integer ops / QDQ ops (optimized)")
     result: dict[str, object] = {"machine": platform.processor() or platform.machine(),
                                  "onnxruntime": ort.__version__, "threads": args.threads, "repeats": args.repeats}
     for name in names:
         size = files[name].stat().st_size
-        cells = " ".join(f"{1000 * median[(name, o, b)]:13.3f}" for b in batches for o in (True, False))
+        cells = " ".join(f"{1000 * median[(name, o, b)]:13.3f}" for b in batches for o in levels)
         print(f"{name:<12} {size / 1e3:8.1f} {size / fp_bytes:8.3f} {cells}  {integer_ops[name] or 'none'} / "
               f"{graph_ops[name]}")
         result[name] = {

@@ -66,6 +66,7 @@ class Codes:
     top: int
     grid: nn.Module | None = None
     channels: int = 0  # known where a convolution made them
+    from_float: bool = False  # made by a QuantizeLinear of a float tensor (not by an integer kernel)
 
 
 @dataclass
@@ -148,6 +149,101 @@ def fold_batchnorm(bn: nn.Module | None, channels: int,
     return factor, beta + factor * (bias - bn.running_mean.detach().double().cpu().numpy())
 
 
+@dataclass
+class FoldedConv:
+    """A quantized convolution with its BatchNorm folded, as ``QLinearConv`` computes it: output
+    channel c before requantization is x_scale weight_scale_c (sum(codes_c * x codes) + bias_codes_c).
+
+    codes: int8 (C_out, C_in / groups, kH, kW), the symmetric weight codes times multiplier m_c with
+    the signs of gamma < 0 flipped; weight_scale: float32 (C_out,); multiplier: min m_c; bias: float64
+    (C_out,), the exact folded bias (BN offset minus the next grid's lower bound) that the model's
+    float arithmetic adds; bias_codes (int32) and bias_scale (float32 x_scale weight_scale), or None
+    when the output stays float."""
+
+    codes: np.ndarray
+    weight_scale: np.ndarray
+    multiplier: int
+    bias: np.ndarray
+    bias_codes: np.ndarray | None = None
+    bias_scale: np.ndarray | None = None
+
+    def kernel_bias(self) -> np.ndarray:
+        """float64 (C_out,): the bias the kernel adds, bias_codes x bias_scale."""
+        assert self.bias_codes is not None and self.bias_scale is not None
+        return self.bias_codes * self.bias_scale.astype(np.float64)
+
+
+def fold_quantized_conv(conv: nn.Module, bn: nn.Module | None, name: str, input_scale: float, input_top: int,
+                        out_grid: InputGrid | None) -> FoldedConv:
+    """``conv`` (quantized weights, inputs on a grid of step ``input_scale`` with codes 0..``input_top``)
+    and ``bn`` folded for ``QLinearConv``, its output requantized onto ``out_grid`` (None: float output).
+    One error line where the codes cannot be int8 or the int16 pair sums could overflow."""
+    channels = conv.out_channels
+    factor, offset = fold_batchnorm(bn, channels, conv.bias)
+    codes, scale = symmetric_weight_codes(conv, name)
+    flat = np.abs(codes.reshape(channels, -1)).max(axis=1)
+    widest = np.maximum(flat, 1)
+    multiplier = np.minimum(INT8_MAX // widest, INT16_MAX // (2 * input_top * widest))
+    if multiplier.min() < 1:
+        raise DaqkdError(f"{name}: {conv.act_quantizer.bits}-bit inputs times {conv.weight_quantizer.bits}-bit "
+                         f"weights can overflow the int16 pair sums of AVX2 int8 kernels (weight codes up to "
+                         f"+-{int(flat.max())}; at most {INT16_MAX // (2 * input_top)} fit beside input "
+                         f"codes up to {input_top}): export without --integer, or train with fewer bits")
+    view = (-1,) + (1,) * (codes.ndim - 1)
+    signs = np.where(factor < 0, -1, 1)
+    int_codes = (codes * (signs * multiplier).reshape(view)).astype(np.int8)
+    w_scale = (scale * np.where(factor == 0, 1.0, np.abs(factor)) / multiplier).astype(np.float32)
+    if (factor == 0).any():
+        int_codes[factor == 0] = 0
+    bias = offset - (out_grid.shift if out_grid is not None else 0.0)
+    folded = FoldedConv(int_codes, w_scale, int(multiplier.min()), bias)
+    if out_grid is not None:
+        folded.bias_scale = (np.float32(input_scale) * w_scale).astype(np.float32)
+        folded.bias_codes = np.rint(bias / folded.bias_scale.astype(np.float64))
+        if np.abs(folded.bias_codes).max(initial=0) >= 2 ** 31:
+            raise DaqkdError(f"{name}: its bias does not fit int32 at the kernel's scale: export without --integer")
+    return folded
+
+
+def integer_convolutions(net: nn.Module) -> list[tuple[str, nn.Module, nn.Module, nn.Module]]:
+    """(name, conv, bn, output quantizer) of each convolution of a CifarResNet that the integer export
+    requantizes in the kernel (QLinearConv with an int32 bias): the blocks' first convolutions, and
+    with integer residuals their second ones and projection shortcuts."""
+    found = []
+    names = {module: name for name, module in net.named_modules()}
+    for block in net.blocks():
+        integer = active(block.output_quantizer) is not None
+        triples = [(block.conv1, block.bn1, input_quantizer(block.conv2))]
+        if integer:
+            triples.append((block.conv2, block.bn2, active(block.residual_quantizer)))
+            if block.projects:
+                triples.append((block.downsample[0], block.downsample[1], active(block.shortcut_quantizer)))
+        found += [(names[conv], conv, bn, out) for conv, bn, out in triples
+                  if out is not None and input_quantizer(conv) is not None
+                  and active(getattr(conv, "weight_quantizer", None)) is not None]
+    return found
+
+
+def kernel_bias_corrections(net: nn.Module) -> dict[nn.Module, torch.Tensor]:
+    """BatchNorm -> float32 (C,) tensor to add to its eval output so that the model's folded bias is
+    the int32 bias ``QLinearConv`` adds (:func:`fold_quantized_conv`), for every convolution that the
+    integer export requantizes in the kernel. The rounding is at most half a step of x_scale x
+    weight_scale (after the code multipliers, a few thousandths of an output level), yet a W2A2
+    ResNet-20 moved 7 % of its test predictions with it: the trained model evaluates what the file
+    computes only if its eval path adds it too. Layers that cannot be exported are left out."""
+    corrections: dict[nn.Module, torch.Tensor] = {}
+    for name, conv, bn, out in integer_convolutions(net):
+        try:
+            in_grid = input_grid(conv.act_quantizer, name)
+            out_grid = input_grid(out, name)
+            folded = fold_quantized_conv(conv, bn, name, in_grid.out_scale, in_grid.top, out_grid)
+        except DaqkdError:
+            continue
+        device = bn.weight.device if getattr(bn, "weight", None) is not None else torch.device("cpu")
+        corrections[bn] = torch.from_numpy(folded.kernel_bias() - folded.bias).float().to(device)
+    return corrections
+
+
 KERNELS = {"integer": "integer in and out (QLinearConv)",
            "float-out": "integer inputs and weights, float output into the float residual stream",
            "float": "full precision (float Conv, BatchNorm folded)"}
@@ -158,14 +254,15 @@ class IntegerLayer:
     """What :func:`export_integer_onnx` made of one convolution: ``kernel`` "integer" (QLinearConv:
     integer input and weights, int32 bias, requantized output), "float-out" (integer input and
     weights, float output: the residual stream is float) or "float" (a full-precision layer);
-    ``multiplier``: the smallest m_c; ``bias_error``: the largest |stored - exact bias| in units
-    of the output grid's step (0 for float outputs)."""
+    ``multiplier``: the smallest m_c; ``bias_error``: the largest |stored bias - the bias PyTorch's eval
+    adds| in units of the output grid's step (0 for float outputs)."""
 
     kernel: str
     weight_bits: int
     input_bits: int
     multiplier: int = 1
     bias_error: float = 0.0
+    bias_in_eval: bool = False  # PyTorch's eval adds the kernel's bias rounding (bias_error is float noise)
 
 
 @dataclass
@@ -332,40 +429,24 @@ class IntegerResNet:
                  "dilations": list(conv.dilation), "group": conv.groups}
         if quantized and input_quantizer(conv) is not None:
             codes_in = self.quantize_input(x, conv.act_quantizer)
-            codes, scale = symmetric_weight_codes(conv, name)
-            flat = np.abs(codes.reshape(channels, -1)).max(axis=1)
-            widest = np.maximum(flat, 1)
-            multiplier = np.minimum(INT8_MAX // widest, INT16_MAX // (2 * codes_in.top * widest))
-            if multiplier.min() < 1:
-                raise DaqkdError(f"{name}: {conv.act_quantizer.bits}-bit inputs times {conv.weight_quantizer.bits}-bit "
-                                 f"weights can overflow the int16 pair sums of AVX2 int8 kernels (weight codes up to "
-                                 f"+-{int(flat.max())}; at most {INT16_MAX // (2 * codes_in.top)} fit beside input "
-                                 f"codes up to {codes_in.top}): export without --integer, or train with fewer bits")
-            view = (-1,) + (1,) * (codes.ndim - 1)
-            signs = np.where(factor < 0, -1, 1)
-            int_codes = (codes * (signs * multiplier).reshape(view)).astype(np.int8)
-            w_scale = (scale * np.where(factor == 0, 1.0, np.abs(factor)) / multiplier).astype(np.float32)
-            if (factor == 0).any():
-                int_codes[factor == 0] = 0
-            weight = g.node("DequantizeLinear", [g.constant(f"{hint}_weight_codes", int_codes, np.int8),
-                                                 g.constant(f"{hint}_weight_scale", w_scale, np.float32)],
+            folded = fold_quantized_conv(conv, bn, name, codes_in.scale, codes_in.top, out_grid)
+            weight = g.node("DequantizeLinear", [g.constant(f"{hint}_weight_codes", folded.codes, np.int8),
+                                                 g.constant(f"{hint}_weight_scale", folded.weight_scale, np.float32)],
                             f"{hint}_weight", axis=0)
-            bias = offset - (out_grid.shift if out_grid is not None else 0.0)
             inputs = [self.dequantize(codes_in), weight]
             layer = IntegerLayer("integer" if out_grid is not None else "float-out", conv.weight_quantizer.bits,
-                                 conv.act_quantizer.bits, int(multiplier.min()))
-            if out_grid is not None:
-                bias_scale = (np.float32(codes_in.scale) * w_scale).astype(np.float32)
-                bias_codes = np.rint(bias / bias_scale.astype(np.float64))
-                if np.abs(bias_codes).max(initial=0) >= 2 ** 31:
-                    raise DaqkdError(f"{name}: its bias does not fit int32 at the kernel's scale: export without "
-                                     "--integer")
-                layer.bias_error = float(np.abs(bias_codes * bias_scale - bias).max() / out_grid.scale)
-                inputs.append(g.node("DequantizeLinear", [g.constant(f"{hint}_bias_codes", bias_codes, np.int32),
-                                                          g.constant(f"{hint}_bias_scale", bias_scale, np.float32)],
-                                     f"{hint}_bias", axis=0))
+                                 conv.act_quantizer.bits, folded.multiplier)
+            if folded.bias_codes is not None:
+                # what PyTorch's eval adds to the folded bias (CifarResNet.refresh_kernel_biases), if anything
+                applied = getattr(bn, "kernel_bias", None)
+                model_bias = folded.bias + (0.0 if applied is None else applied.double().cpu().numpy())
+                layer.bias_error = float(np.abs(folded.kernel_bias() - model_bias).max() / out_grid.scale)
+                layer.bias_in_eval = applied is not None
+                inputs.append(g.node("DequantizeLinear", [
+                    g.constant(f"{hint}_bias_codes", folded.bias_codes, np.int32),
+                    g.constant(f"{hint}_bias_scale", folded.bias_scale, np.float32)], f"{hint}_bias", axis=0))
             else:
-                inputs.append(g.constant(f"{hint}_bias", bias, np.float32))
+                inputs.append(g.constant(f"{hint}_bias", folded.bias, np.float32))
         else:  # full precision (or a layer whose inputs stay float): BN folded into float weights
             if quantized:
                 raise DaqkdError(f"{name}: quantized weights with full-precision inputs cannot run in integer "
@@ -397,6 +478,11 @@ class IntegerResNet:
                                  output=block.shortcut_quantizer if integer else None)
         elif hasattr(block, "shortcut") and not isinstance(block.shortcut, nn.Identity):
             shortcut = self.pad_shortcut(x, block.shortcut.pad, block.conv1.out_channels)
+        elif integer and isinstance(x, Codes) and x.from_float:
+            # the stem's codes come from a float QuantizeLinear, which onnxruntime keeps in NCHW: added
+            # as they are, every addition of the first stage ran in NCHW between two Transposes (7 of
+            # them, ~5 % of a batch-1 run); through an exact identity kernel the stage stays NHWC
+            shortcut = self.pad_shortcut(x, 0, block.conv1.out_channels, stride=1)
         else:
             shortcut = x
         g = self.graph
@@ -414,9 +500,9 @@ class IntegerResNet:
         total = g.node("Add", [self.as_float(r), self.as_float(shortcut)], f"{name.replace('.', '_')}_sum")
         return g.node("Relu", [total], f"{name.replace('.', '_')}_out")
 
-    def pad_shortcut(self, x: Codes | str, pad: int, channels: int) -> Codes | str:
-        """Option A: x[:, :, ::2, ::2] zero-padded to ``channels``. On codes it is a 1x1 convolution with
-        stride 2 and 0/1 weights, requantized at the input's own scale (a multiplier of exactly 1):
+    def pad_shortcut(self, x: Codes | str, pad: int, channels: int, stride: int = 2) -> Codes | str:
+        """Option A: x[:, :, ::stride, ::stride] zero-padded to ``channels`` (stride 1, pad 0: the
+        identity). On codes it is a 1x1 convolution with that stride and 0/1 weights, requantized at the input's own scale (a multiplier of exactly 1):
         exact, an integer kernel, and it keeps the graph in onnxruntime's NHWC layout (two strided
         uint8 Slices took ~4 % of a batch-64 run and kept Transposes around them); on float values it
         is Slice + Pad."""
@@ -431,7 +517,7 @@ class IntegerResNet:
             bias_scale = g.constant("shortcut_bias_scale", np.full(channels, x.scale), np.float32)
             bias = g.node("DequantizeLinear", [g.constant("shortcut_bias_codes", np.zeros(channels), np.int32),
                                                bias_scale], "shortcut_bias", axis=0)
-            y = g.node("Conv", [self.dequantize(x), weight, bias], "shortcut", strides=[2, 2])
+            y = g.node("Conv", [self.dequantize(x), weight, bias], "shortcut", strides=[stride, stride])
             q = g.node("QuantizeLinear", [y, g.constant("shortcut_scale", x.scale, np.float32),
                                           g.constant("shortcut_zero", x.zero_point, np.uint8)], "shortcut_codes")
             return Codes(q, x.scale, x.zero_point, x.top, None)
@@ -453,6 +539,8 @@ class IntegerResNet:
                                g.constant("std", std, np.float32)], "normalized")
         stem_q = active(net.stem_quantizer)
         value: Codes | str = self.conv(x, net.conv1, net.bn1, relu=True, output=stem_q)
+        if isinstance(value, Codes):
+            value.from_float = True
         for block in net.blocks():
             value = self.block(value, block)
         pooled = g.node("Flatten", [g.node("GlobalAveragePool", [self.as_float(value)], "pooled")], "features")
@@ -487,6 +575,8 @@ def export_integer_onnx(model: nn.Module, path: str | Path, *, image_size: int =
 
     model = model.cpu().eval()
     builder = IntegerResNet(model, expose_codes)
+    if getattr(builder.net, "kernel_biases", False):
+        builder.net.refresh_kernel_biases()  # the bias rounding that the model's eval adds, as the file will
     proto = builder.build(image_size)
     props = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
     props["integer"] = json.dumps({name: layer.kernel for name, layer in builder.layers.items()})

@@ -63,7 +63,12 @@ def print_integer(report: IntegerReport) -> int:
         print(f"  {adds['integer']} residual additions: integer (QLinearAdd)")
     if adds.get("float"):
         print(f"  {adds['float']} residual additions: float (train with --residual-bits 8 to make them integer)")
-    worst = max((layer.bias_error for layer in report.layers.values()), default=0.0)
-    print(f"  int32 biases within {worst:.4f} output levels of the model's (the kernel's rounding)")
+    biased = [layer for layer in report.layers.values() if layer.kernel == "integer"]
+    worst = max((layer.bias_error for layer in biased), default=0.0)
+    if biased and all(layer.bias_in_eval for layer in biased):
+        print(f"  int32 biases: the model's eval adds the same rounding (within {worst:.1e} output levels)")
+    elif biased:
+        print(f"  int32 biases within {worst:.4f} output levels of the model's (the kernel's rounding; "
+              "with --residual-bits the model's eval rounds them too)")
     print(f"check it: daqkd eval {shlex.quote(report.path)} --data DIR|FILE.npz")
     return 0

@@ -36,6 +36,13 @@ class PadShortcut(nn.Module):
 SHORTCUTS = ("A", "B")
 
 
+def _add_kernel_bias(bn: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor | None:
+    """Forward hook of the BatchNorms of an integer ResNet: in eval, the kernel's bias rounding
+    (``bn.kernel_bias``, set by CifarResNet.refresh_kernel_biases) added to the output."""
+    correction = bn.__dict__.get("kernel_bias")
+    return None if correction is None else out + correction.to(out).view(1, -1, 1, 1)
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 conv-BN pairs with a residual connection; ReLU after the sum.
 
@@ -101,19 +108,58 @@ class CifarResNet(nn.Module):
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(m.weight)
         self.stem_quantizer: nn.Module = nn.Identity()
+        self.kernel_biases = False  # set by quantize_residuals
+        self._kernel_bias_snapshot: list[torch.Tensor] | None = None
 
     def quantize_residuals(self, make_quantizer: Callable[[], nn.Module]) -> None:
         """Fake-quantize the residual stream: the stem's output, every block's residual branch (after
         bn2), projection shortcut and output, each with its own ``make_quantizer()``. Every tensor
         that an addition or a block reads is then on an integer grid (the shortcut of option A is
         the block's quantized input, subsampled and zero-padded), so the network runs in integer
-        arithmetic from the stem to the pooling (daqkd.integer_export)."""
+        arithmetic from the stem to the pooling (daqkd.integer_export), and in eval the model adds the
+        integer kernels' bias rounding to its BatchNorms (:meth:`refresh_kernel_biases`)."""
         self.stem_quantizer = make_quantizer()
         for block in self.blocks():
             block.residual_quantizer = make_quantizer()
             block.output_quantizer = make_quantizer()
             if block.projects:
                 block.shortcut_quantizer = make_quantizer()
+            for bn in (block.bn1, block.bn2, block.downsample[1] if block.projects else None):
+                if bn is not None:
+                    bn.register_forward_hook(_add_kernel_bias)
+        self.kernel_biases = True
+
+    @torch.compiler.disable
+    def refresh_kernel_biases(self) -> None:
+        """Eval of an integer ResNet computes what its integer ONNX file computes: each BatchNorm
+        before a requantizing integer kernel gets ``kernel_bias``, the difference between the int32
+        bias the kernel adds and the folded float one (daqkd.integer_export.kernel_bias_corrections,
+        at most half a step of input scale x weight scale). Brevitas quantizes biases to int32 at
+        that scale for the same reason. Training mode removes them (BatchNorm then uses the batch's
+        statistics, which no kernel folds). Recomputed whenever a parameter or buffer changed since
+        the last call (compared value by value: ``.data`` assignments bypass version counters)."""
+        from ..integer_export import kernel_bias_corrections
+
+        norms = [bn for block in self.blocks() for bn in (block.bn1, block.bn2, *(
+            [block.downsample[1]] if block.projects else []))]
+        if self.training:
+            for bn in norms:
+                bn.__dict__.pop("kernel_bias", None)
+            self._kernel_bias_snapshot = None
+            return
+        state = [*self.parameters(), *self.buffers()]
+        snapshot = self._kernel_bias_snapshot
+        if snapshot is not None and len(snapshot) == len(state) and all(
+                a.shape == b.shape and a.device == b.device and torch.equal(a, b) for a, b in zip(snapshot, state)):
+            return
+        calibrating = not all(m.is_initialized for m in self.modules() if hasattr(m, "is_initialized"))
+        corrections = {} if calibrating else kernel_bias_corrections(self)  # quantizers initialize on this pass
+        for bn in norms:
+            if bn in corrections:
+                bn.__dict__["kernel_bias"] = corrections[bn]
+            else:
+                bn.__dict__.pop("kernel_bias", None)
+        self._kernel_bias_snapshot = None if calibrating else [t.detach().clone() for t in state]
 
     def blocks(self) -> list[BasicBlock]:
         return [block for stage in (self.layer1, self.layer2, self.layer3) for block in stage]
@@ -130,6 +176,8 @@ class CifarResNet(nn.Module):
         return self.linear if hasattr(self, "linear") else self.fc
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel_biases:
+            self.refresh_kernel_biases()
         out = self.stem_quantizer(F.relu(self.bn1(self.conv1(x))))
         out = self.layer3(self.layer2(self.layer1(out)))
         out = F.adaptive_avg_pool2d(out, 1).flatten(1)
