@@ -502,10 +502,10 @@ class IntegerResNet:
 
     def pad_shortcut(self, x: Codes | str, pad: int, channels: int, stride: int = 2) -> Codes | str:
         """Option A: x[:, :, ::stride, ::stride] zero-padded to ``channels`` (stride 1, pad 0: the
-        identity). On codes it is a 1x1 convolution with that stride and 0/1 weights, requantized at the input's own scale (a multiplier of exactly 1):
-        exact, an integer kernel, and it keeps the graph in onnxruntime's NHWC layout (two strided
-        uint8 Slices took ~4 % of a batch-64 run and kept Transposes around them); on float values it
-        is Slice + Pad."""
+        identity). On codes it is a 1x1 convolution with that stride and 0/1 weights, requantized at
+        the input's own scale (a multiplier of exactly 1): exact, an integer kernel, and it keeps the
+        graph in onnxruntime's NHWC layout (two strided uint8 Slices took ~4 % of a batch-64 run and
+        kept Transposes around them); on float values it is Slice + Pad."""
         g = self.graph
         int64 = np.int64
         if isinstance(x, Codes):
