@@ -124,10 +124,14 @@ class CifarResNet(nn.Module):
             block.output_quantizer = make_quantizer()
             if block.projects:
                 block.shortcut_quantizer = make_quantizer()
-            for bn in (block.bn1, block.bn2, block.downsample[1] if block.projects else None):
-                if bn is not None:
-                    bn.register_forward_hook(_add_kernel_bias)
+        for bn in self._block_norms():
+            bn.register_forward_hook(_add_kernel_bias)
         self.kernel_biases = True
+
+    def _block_norms(self) -> list[nn.Module]:
+        """The BatchNorms after the blocks' convolutions (bn1, bn2, a projection's BN)."""
+        return [bn for block in self.blocks()
+                for bn in (block.bn1, block.bn2, *([block.downsample[1]] if block.projects else []))]
 
     @torch.compiler.disable
     def refresh_kernel_biases(self) -> None:
@@ -140,21 +144,21 @@ class CifarResNet(nn.Module):
         the last call (compared value by value: ``.data`` assignments bypass version counters)."""
         from ..integer_export import kernel_bias_corrections
 
-        norms = [bn for block in self.blocks() for bn in (block.bn1, block.bn2, *(
-            [block.downsample[1]] if block.projects else []))]
         if self.training:
-            for bn in norms:
-                bn.__dict__.pop("kernel_bias", None)
-            self._kernel_bias_snapshot = None
+            if self._kernel_bias_snapshot is not None:  # once after an eval phase, not every training step
+                for bn in self._block_norms():
+                    bn.__dict__.pop("kernel_bias", None)
+                self._kernel_bias_snapshot = None
             return
         state = [*self.parameters(), *self.buffers()]
         snapshot = self._kernel_bias_snapshot
         if snapshot is not None and len(snapshot) == len(state) and all(
-                a.shape == b.shape and a.device == b.device and torch.equal(a, b) for a, b in zip(snapshot, state)):
+                a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
+                for a, b in zip(snapshot, state)):
             return
         calibrating = not all(m.is_initialized for m in self.modules() if hasattr(m, "is_initialized"))
         corrections = {} if calibrating else kernel_bias_corrections(self)  # quantizers initialize on this pass
-        for bn in norms:
+        for bn in self._block_norms():
             if bn in corrections:
                 bn.__dict__["kernel_bias"] = corrections[bn]
             else:
