@@ -26,7 +26,10 @@ meet as written, so this module rewrites it exactly before writing the graph:
   both inputs of an addition have one type, as ``QLinearAdd`` requires.
 * a block's 8-bit input reaches its first convolution's k-bit grid through a depthwise 1x1
   convolution (weight m, the lower bound in its bias), checked against the quantizer on all 256
-  input codes at export (the DequantizeLinear -> Sub -> QuantizeLinear chain otherwise);
+  input codes at export (the DequantizeLinear -> Sub -> QuantizeLinear chain otherwise). Its codes
+  carry the zero point 255 - qmax, so that the kernel's saturation at 255 is the grid's top and no
+  ``Clip`` follows (9 of ResNet-20's 18, ~2 % of a batch-1 run); the bottom needs no clamp where the
+  input is non-negative, which the check confirms;
 * option-A shortcuts are 0/1 stride-2 convolutions of the codes, requantized at their own scale
   (exact), so the addition's inputs come straight from ``DequantizeLinear``.
 
@@ -205,22 +208,34 @@ def fold_quantized_conv(conv: nn.Module, bn: nn.Module | None, name: str, input_
     return folded
 
 
-def integer_convolutions(net: nn.Module) -> list[tuple[str, nn.Module, nn.Module, nn.Module]]:
-    """(name, conv, bn, output quantizer) of each convolution of a CifarResNet that the integer export
-    requantizes in the kernel (QLinearConv with an int32 bias): the blocks' first convolutions, and
-    with integer residuals their second ones and projection shortcuts."""
+REQUANTIZED_TOP = 255  # the largest uint8 code a block's first convolution sees with integer residuals
+
+
+def integer_convolutions(net: nn.Module) -> list[tuple[str, nn.Module, nn.Module, nn.Module, int]]:
+    """(name, conv, bn, output quantizer, input top) of each convolution of a CifarResNet that the
+    integer export requantizes in the kernel (QLinearConv with an int32 bias): the blocks' first
+    convolutions, and with integer residuals their second ones and projection shortcuts. ``input
+    top`` is the largest uint8 input code the kernel multiplies (it bounds the weight multipliers,
+    :func:`fold_quantized_conv`): the input grid's top, or ``REQUANTIZED_TOP`` for the first
+    convolution and the projection of an integer-residual block, whose requantized codes may carry
+    a zero point that shifts them up to 255 (:meth:`IntegerResNet.requantize`)."""
     found = []
     names = {module: name for name, module in net.named_modules()}
     for block in net.blocks():
         integer = active(block.output_quantizer) is not None
-        triples = [(block.conv1, block.bn1, input_quantizer(block.conv2))]
+        triples = [(block.conv1, block.bn1, input_quantizer(block.conv2), integer)]
         if integer:
-            triples.append((block.conv2, block.bn2, active(block.residual_quantizer)))
+            triples.append((block.conv2, block.bn2, active(block.residual_quantizer), False))
             if block.projects:
-                triples.append((block.downsample[0], block.downsample[1], active(block.shortcut_quantizer)))
-        found += [(names[conv], conv, bn, out) for conv, bn, out in triples
-                  if out is not None and input_quantizer(conv) is not None
-                  and active(getattr(conv, "weight_quantizer", None)) is not None]
+                triples.append((block.downsample[0], block.downsample[1], active(block.shortcut_quantizer), True))
+        for conv, bn, out, requantized in triples:
+            if out is None or input_quantizer(conv) is None or active(getattr(conv, "weight_quantizer", None)) is None:
+                continue
+            try:
+                top = REQUANTIZED_TOP if requantized else input_grid(conv.act_quantizer, names[conv]).top
+            except DaqkdError:
+                continue  # not exportable: the export says why
+            found.append((names[conv], conv, bn, out, top))
     return found
 
 
@@ -232,11 +247,11 @@ def kernel_bias_corrections(net: nn.Module) -> dict[nn.Module, torch.Tensor]:
     74 of 1,000 test predictions of a trained W2A2 ResNet-20: the trained model evaluates what the file
     computes only if its eval path adds it too. Layers that cannot be exported are left out."""
     corrections: dict[nn.Module, torch.Tensor] = {}
-    for name, conv, bn, out in integer_convolutions(net):
+    for name, conv, bn, out, input_top in integer_convolutions(net):
         try:
             in_grid = input_grid(conv.act_quantizer, name)
             out_grid = input_grid(out, name)
-            folded = fold_quantized_conv(conv, bn, name, in_grid.out_scale, in_grid.top, out_grid)
+            folded = fold_quantized_conv(conv, bn, name, in_grid.out_scale, input_top, out_grid)
         except DaqkdError:
             continue
         device = bn.weight.device if getattr(bn, "weight", None) is not None else torch.device("cpu")
@@ -360,8 +375,10 @@ class IntegerResNet:
         if lowest > 0 or grid.top < 255:
             q = g.node("Clip", [q, g.constant(f"{hint}_low", lowest, np.uint8),
                                 g.constant(f"{hint}_high", grid.top, np.uint8)], f"{hint}_codes")
-        if self.expose_codes:
-            g.outputs.append(q)
+        if self.expose_codes:  # on the quantizer's own zero point, whatever offset the graph's codes carry
+            canonical = input_grid(quantizer, self.names[quantizer]).zero_point
+            g.outputs.append(q if grid.zero_point == canonical else g.node(
+                "Sub", [q, g.constant(f"{hint}_offset", grid.zero_point - canonical, np.uint8)], f"{hint}_exposed"))
         return Codes(q, grid.out_scale, grid.zero_point, grid.top, quantizer, channels)
 
     def quantize_input(self, x: Codes | str, quantizer: nn.Module) -> Codes:
@@ -383,22 +400,35 @@ class IntegerResNet:
     def requantize(self, x: Codes, grid: InputGrid, quantizer: nn.Module) -> Codes | None:
         """Codes on one grid -> ``quantizer``'s codes as one integer kernel: a depthwise 1x1
         convolution with weight m (the largest within the AVX2 pair-sum bound), its bias the lower
-        bound, then the Q and Clip, instead of DequantizeLinear -> Sub -> QuantizeLinear -> Clip (three
-        float passes). The input has 256 possible codes, so the kernel's arithmetic (as onnxruntime's
-        requantization computes it, in float32) is checked against ``quantizer`` on every one of
-        them; None (the float path) if any differs."""
+        bound, then the Q, instead of DequantizeLinear -> Sub -> QuantizeLinear -> Clip (three float
+        passes). Where the grid is unsigned and its codes never fall below 0, the output zero point
+        is 255 - qmax, so that the kernel's own saturation at 255 is the grid's top and no Clip
+        follows; otherwise zero point 0 and a Clip. The input has 256 possible codes, so the
+        kernel's arithmetic (as onnxruntime's requantization computes it, in float32) is checked
+        against ``quantizer`` on every one of them; None (the float path) if neither form agrees."""
         g = self.graph
         m = max(1, min(INT8_MAX, INT16_MAX // (2 * max(x.top, 1))))
         codes = np.arange(256)
         bias_code = int(np.rint(-grid.shift * m / x.scale))
         multiplier = np.float32(np.float32(x.scale) * np.float32(1.0 / m)) / np.float32(grid.scale)
         acc = (m * (codes - x.zero_point) + bias_code).astype(np.float32)
-        kernel = np.clip(np.rint(acc * multiplier) + grid.zero_point, grid.qmin + grid.zero_point, grid.top)
         values = (torch.arange(256, dtype=torch.float32) - x.zero_point) * torch.tensor(x.scale, dtype=torch.float32)
         with torch.no_grad():
             reference = torch.round(quantizer(values.view(1, 1, 16, 16)).reshape(-1) / grid.out_scale) + grid.zero_point
         valid = slice(0, x.top + 1)
-        if not np.array_equal(kernel[valid], reference.numpy()[valid]):
+
+        def agrees(form: InputGrid) -> bool:
+            """The kernel's codes on ``form`` (saturated to qmin..qmax) are the quantizer's."""
+            kernel = np.clip(np.rint(acc * multiplier), form.qmin, form.qmax) + grid.zero_point
+            return bool(np.array_equal(kernel[valid], reference.numpy()[valid]))
+
+        # the same grid with its codes shifted up to end at 255: the bottom clamp moves to -offset,
+        # where the check shows that no input reaches it
+        offset = 255 - grid.top
+        shifted = InputGrid(grid.scale, grid.shift, -offset, grid.qmax, offset, grid.out_scale)
+        if grid.qmin == 0 and grid.zero_point == 0 and offset > 0 and agrees(shifted):
+            grid = shifted
+        elif not agrees(grid):
             return None
         hint = self.names[quantizer].replace(".", "_")
         c = x.channels
@@ -415,8 +445,10 @@ class IntegerResNet:
     # --- layers ---
 
     def conv(self, x: Codes | str, conv: nn.Module, bn: nn.Module | None, relu: bool,
-             output: nn.Module | None) -> Codes | str:
-        """conv -> bn [-> relu] [-> ``output`` quantizer]: codes when ``output`` is given, else float."""
+             output: nn.Module | None, input_top: int | None = None) -> Codes | str:
+        """conv -> bn [-> relu] [-> ``output`` quantizer]: codes when ``output`` is given, else float.
+        ``input_top``: the largest input code the weight multipliers are bounded for (default: the
+        codes' own top), as :func:`integer_convolutions` gives it to the model's eval."""
         from .quant import QuantConv2d
 
         g, name = self.graph, self.names[conv]
@@ -427,7 +459,8 @@ class IntegerResNet:
                  "dilations": list(conv.dilation), "group": conv.groups}
         if quantized and input_quantizer(conv) is not None:
             codes_in = self.quantize_input(x, conv.act_quantizer)
-            folded = fold_quantized_conv(conv, bn, name, codes_in.scale, codes_in.top, out_grid)
+            top = codes_in.top if input_top is None else max(input_top, codes_in.top)
+            folded = fold_quantized_conv(conv, bn, name, codes_in.scale, top, out_grid)
             weight = g.node("DequantizeLinear", [g.constant(f"{hint}_weight_codes", folded.codes, np.int8),
                                                  g.constant(f"{hint}_weight_scale", folded.weight_scale, np.float32)],
                             f"{hint}_weight", axis=0)
@@ -470,11 +503,13 @@ class IntegerResNet:
         name = self.names[block]
         integer = active(block.output_quantizer) is not None
         residual_q = block.residual_quantizer if integer else None
-        h = self.conv(x, block.conv1, block.bn1, relu=True, output=input_quantizer(block.conv2))
+        h = self.conv(x, block.conv1, block.bn1, relu=True, output=input_quantizer(block.conv2),
+                      input_top=REQUANTIZED_TOP if integer else None)
         r = self.conv(h, block.conv2, block.bn2, relu=False, output=residual_q)
         if block.projects:
             shortcut = self.conv(x, block.downsample[0], block.downsample[1], relu=False,
-                                 output=block.shortcut_quantizer if integer else None)
+                                 output=block.shortcut_quantizer if integer else None,
+                                 input_top=REQUANTIZED_TOP if integer else None)
         elif hasattr(block, "shortcut") and not isinstance(block.shortcut, nn.Identity):
             shortcut = self.pad_shortcut(x, block.shortcut.pad, block.conv1.out_channels)
         elif integer and isinstance(x, Codes) and x.from_float:
@@ -566,7 +601,8 @@ def export_integer_onnx(model: nn.Module, path: str | Path, *, image_size: int =
     """Write ``model`` (a NormalizedModel of a quantized CifarResNet, eval mode) as an integer-kernel
     ONNX file (module docstring): input ``images`` uint8 (batch, 3, image_size, image_size), output
     ``logits`` float32 (batch, classes); ``expose_codes`` also outputs every quantizer's uint8 codes
-    (named after the quantizer) for equivalence tests. Checked with onnx.checker, written atomically."""
+    (named after the quantizer, at its :func:`input_grid` zero point) for equivalence tests. Checked
+    with onnx.checker, written atomically."""
     import json
 
     onnx = require("onnx")
