@@ -28,7 +28,7 @@ meet as written, so this module rewrites it exactly before writing the graph:
   convolution (weight m, the lower bound in its bias), checked against the quantizer on all 256
   input codes at export (the DequantizeLinear -> Sub -> QuantizeLinear chain otherwise). Its codes
   carry the zero point 255 - qmax, so that the kernel's saturation at 255 is the grid's top and no
-  ``Clip`` follows (9 of ResNet-20's 18, ~2 % of a batch-1 run); the bottom needs no clamp where the
+  ``Clip`` follows (9 of ResNet-20's 18, ~3 % of a batch-1 run); the bottom needs no clamp where the
   input is non-negative, which the check confirms;
 * option-A shortcuts are 0/1 stride-2 convolutions of the codes, requantized at their own scale
   (exact), so the addition's inputs come straight from ``DequantizeLinear``.
@@ -208,7 +208,7 @@ def fold_quantized_conv(conv: nn.Module, bn: nn.Module | None, name: str, input_
     return folded
 
 
-REQUANTIZED_TOP = 255  # the largest uint8 code a block's first convolution sees with integer residuals
+REQUANTIZED_TOP = 255  # the largest uint8 input code of an integer-residual block's conv1 and projection
 
 
 def integer_convolutions(net: nn.Module) -> list[tuple[str, nn.Module, nn.Module, nn.Module, int]]:
@@ -351,6 +351,9 @@ class IntegerResNet:
         self.additions: dict[str, str] = {}
         self.expose_codes = expose_codes
         self.names = {module: name for name, module in net.named_modules()}
+        # the input top each kernel's weight multipliers are bounded for: the model's eval folds the
+        # same (kernel_bias_corrections), so both read it from one place
+        self.input_tops = {conv: top for _, conv, _, _, top in integer_convolutions(net)}
 
     # --- values ---
 
@@ -445,10 +448,8 @@ class IntegerResNet:
     # --- layers ---
 
     def conv(self, x: Codes | str, conv: nn.Module, bn: nn.Module | None, relu: bool,
-             output: nn.Module | None, input_top: int | None = None) -> Codes | str:
-        """conv -> bn [-> relu] [-> ``output`` quantizer]: codes when ``output`` is given, else float.
-        ``input_top``: the largest input code the weight multipliers are bounded for (default: the
-        codes' own top), as :func:`integer_convolutions` gives it to the model's eval."""
+             output: nn.Module | None) -> Codes | str:
+        """conv -> bn [-> relu] [-> ``output`` quantizer]: codes when ``output`` is given, else float."""
         from .quant import QuantConv2d
 
         g, name = self.graph, self.names[conv]
@@ -459,7 +460,7 @@ class IntegerResNet:
                  "dilations": list(conv.dilation), "group": conv.groups}
         if quantized and input_quantizer(conv) is not None:
             codes_in = self.quantize_input(x, conv.act_quantizer)
-            top = codes_in.top if input_top is None else max(input_top, codes_in.top)
+            top = max(self.input_tops.get(conv, 0), codes_in.top)
             folded = fold_quantized_conv(conv, bn, name, codes_in.scale, top, out_grid)
             weight = g.node("DequantizeLinear", [g.constant(f"{hint}_weight_codes", folded.codes, np.int8),
                                                  g.constant(f"{hint}_weight_scale", folded.weight_scale, np.float32)],
@@ -503,13 +504,11 @@ class IntegerResNet:
         name = self.names[block]
         integer = active(block.output_quantizer) is not None
         residual_q = block.residual_quantizer if integer else None
-        h = self.conv(x, block.conv1, block.bn1, relu=True, output=input_quantizer(block.conv2),
-                      input_top=REQUANTIZED_TOP if integer else None)
+        h = self.conv(x, block.conv1, block.bn1, relu=True, output=input_quantizer(block.conv2))
         r = self.conv(h, block.conv2, block.bn2, relu=False, output=residual_q)
         if block.projects:
             shortcut = self.conv(x, block.downsample[0], block.downsample[1], relu=False,
-                                 output=block.shortcut_quantizer if integer else None,
-                                 input_top=REQUANTIZED_TOP if integer else None)
+                                 output=block.shortcut_quantizer if integer else None)
         elif hasattr(block, "shortcut") and not isinstance(block.shortcut, nn.Identity):
             shortcut = self.pad_shortcut(x, block.shortcut.pad, block.conv1.out_channels)
         elif integer and isinstance(x, Codes) and x.from_float:
