@@ -42,6 +42,13 @@ def student(config: QuantConfig, images: torch.Tensor, arch: str = "resnet20") -
     else:
         torch.manual_seed(0)
         model = NormalizedModel(create_model(arch, 10), NAMED_NORMALIZATIONS["imagenet"])
+        with torch.no_grad():  # a trained network's BatchNorms: fresh ones fold to zero biases, which round exactly
+            for bn in model.modules():
+                if isinstance(bn, torch.nn.BatchNorm2d):
+                    bn.weight.uniform_(0.5, 1.5)
+                    bn.bias.normal_(0.0, 0.1)
+                    bn.running_mean.normal_(0.0, 0.1)
+                    bn.running_var.uniform_(0.5, 1.5)
     model.eval()
     quantize_model(model.model, config)
     with torch.no_grad():
@@ -66,6 +73,28 @@ def optimized_ops(path: Path, tmp_path: Path) -> Counter:
     return Counter(node.op_type for node in onnx.load(str(keep)).graph.node)
 
 
+def largest_pair_sums(optimized: onnx.ModelProto) -> dict[str, int]:
+    """QLinearConv name -> 2 x its largest raw uint8 input code x its largest |int8 weight code|: the
+    int16 sum of two u8 x s8 products that AVX2's vpmaddubsw saturates above 32767. The input's top is
+    the max of the uint8 Clip that produces it (through layout Transposes), else 255."""
+    from onnx import numpy_helper
+
+    values = {t.name: numpy_helper.to_array(t) for t in optimized.graph.initializer}
+    producer = {out: node for node in optimized.graph.node for out in node.output}
+    sums = {}
+    for node in optimized.graph.node:
+        if node.op_type != "QLinearConv":
+            continue
+        source = producer.get(node.input[0])
+        while source is not None and source.op_type == "Transpose":
+            source = producer.get(source.input[0])
+        top = 255
+        if source is not None and source.op_type == "Clip":
+            top = int(values[source.input[2]])
+        sums[node.name] = 2 * top * int(np.abs(values[node.input[3]].astype(np.int64)).max())
+    return sums
+
+
 @pytest.mark.parametrize("arch,residual_bits,convs,adds", [
     # every conv, the two option-A shortcuts as 0/1 convolutions, the 9 requantizations of a block's
     # 8-bit input to its first conv's bits as depthwise 1x1 convolutions, the identity convolution that
@@ -80,6 +109,9 @@ def test_onnxruntime_fuses_every_quantized_conv_and_addition(arch: str, residual
     report = export_integer_onnx(model, tmp_path / "int.onnx")
     ops = optimized_ops(tmp_path / "int.onnx", tmp_path)
     assert ops["QLinearConv"] == convs, ops
+    # no integer kernel can saturate AVX2's int16 pair sums (this CPU has VNNI, which does not)
+    pair_sums = largest_pair_sums(onnx.load(str(tmp_path / "optimized.onnx")))
+    assert len(pair_sums) == convs and max(pair_sums.values()) <= 32767, pair_sums
     assert ops["QLinearAdd"] == adds, ops
     assert ops["Conv"] == 1  # the full-precision stem (FusedConv: the float second convolutions)
     assert ops["FusedConv"] == (0 if residual_bits == 8 else 9), ops
