@@ -13,6 +13,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from daqkd import integer_export
 from daqkd.cli import main
 from daqkd.data import load_image_folder
 from daqkd.errors import DaqkdError
@@ -95,17 +96,24 @@ def largest_pair_sums(optimized: onnx.ModelProto) -> dict[str, int]:
     return sums
 
 
-@pytest.mark.parametrize("arch,residual_bits,convs,adds", [
-    # every conv, the two option-A shortcuts as 0/1 convolutions, the 9 requantizations of a block's
-    # 8-bit input to its first conv's bits as depthwise 1x1 convolutions, the identity convolution that
-    # keeps the stem's codes out of NCHW
-    ("resnet20", 8, 18 + 2 + 9 + 1, 9),
-    ("resnet20b", 8, 18 + 2 + 9 + 2 + 1, 9),  # the two projection shortcuts and their inputs' requantizations
-    ("resnet20", 32, 9, 0),  # float residual stream: only the blocks' first convolutions
+@pytest.mark.parametrize("arch,residual_bits,requantization,convs,adds", [
+    # every conv, the two option-A shortcuts as 0/1 convolutions, the identity convolution that keeps
+    # the stem's codes out of NCHW; the 9 requantizations of a block's 8-bit input to its first conv's
+    # bits as QLinearAdds of a constant
+    ("resnet20", 8, "add", 18 + 2 + 1, 9 + 9),
+    ("resnet20b", 8, "add", 18 + 2 + 1, 9 + 9 + 2),  # the two projection shortcuts, their inputs' requantizations
+    # where some arithmetic of onnxruntime's QLinearAdd would miss the quantizer's codes: depthwise
+    # 1x1 convolutions instead
+    ("resnet20", 8, "depthwise", 18 + 2 + 9 + 1, 9),
+    ("resnet20b", 8, "depthwise", 18 + 2 + 9 + 2 + 1, 9),
+    ("resnet20", 32, "add", 9, 0),  # float residual stream: only the blocks' first convolutions
 ])
-def test_onnxruntime_fuses_every_quantized_conv_and_addition(arch: str, residual_bits: int, convs: int, adds: int,
-                                                             images: torch.Tensor, tmp_path: Path) -> None:
+def test_onnxruntime_fuses_every_quantized_conv_and_addition(arch: str, residual_bits: int, requantization: str,
+                                                             convs: int, adds: int, images: torch.Tensor,
+                                                             tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model = student(QuantConfig("ewgs", 4, 4, residual_bits=residual_bits), images, arch)
+    if requantization == "depthwise":
+        monkeypatch.setattr(integer_export, "qlinear_add_with_constant", lambda *args: [("sse2", np.full(256, -1))])
     report = export_integer_onnx(model, tmp_path / "int.onnx")
     ops = optimized_ops(tmp_path / "int.onnx", tmp_path)
     assert ops["QLinearConv"] == convs, ops
@@ -276,3 +284,72 @@ def test_cli_integer_export_and_refusals(tiny_folder: Path, tmp_path: Path, caps
     assert main(["export", str(tmp_path / "teacher"), "--integer", "--out", str(tmp_path / "x.onnx")]) == 2
     assert "is a full-precision model: --integer exports quantized students" in capsys.readouterr().err
     assert not (tmp_path / "x.onnx").exists()
+
+
+def qlinear_add_session(scale_a: float, zero_a: int, constant: int, scale_b: float, zero_b: int, scale_c: float,
+                        zero_c: int) -> ort.InferenceSession:
+    """onnxruntime's com.microsoft QLinearAdd of a (256,) uint8 input and a one-element constant."""
+    from onnx import TensorProto, helper
+
+    inits = [helper.make_tensor("a_scale", TensorProto.FLOAT, [], [scale_a]),
+             helper.make_tensor("a_zero", TensorProto.UINT8, [], [zero_a]),
+             helper.make_tensor("b", TensorProto.UINT8, [1], [constant]),
+             helper.make_tensor("b_scale", TensorProto.FLOAT, [], [scale_b]),
+             helper.make_tensor("b_zero", TensorProto.UINT8, [], [zero_b]),
+             helper.make_tensor("c_scale", TensorProto.FLOAT, [], [scale_c]),
+             helper.make_tensor("c_zero", TensorProto.UINT8, [], [zero_c])]
+    node = helper.make_node("QLinearAdd", ["a", "a_scale", "a_zero", "b", "b_scale", "b_zero", "c_scale", "c_zero"],
+                            ["c"], domain="com.microsoft")
+    graph = helper.make_graph([node], "qladd", [helper.make_tensor_value_info("a", TensorProto.UINT8, [256])],
+                              [helper.make_tensor_value_info("c", TensorProto.UINT8, [256])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def this_cpu_has_avx2() -> bool:
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return " avx2" in flags
+
+
+def test_qlinear_add_emulation_is_what_onnxruntime_computes() -> None:
+    """onnxruntime's QLinearAdd output is exactly the emulation of this machine's kernel (AVX2's fused
+    multiply-add where the CPU has AVX2, else SSE2's multiply and add), for random grids like a block's
+    requantization (8-bit codes to a 2-4 bit grid, minus a lower bound) and for grids built so that the
+    kernels differ: 103 x 0.19902913 is 20.5 + 6.7e-7 exactly but 20.5 in float32, so after subtracting 20
+    the fused kernel rounds up to 1 and the unfused one to even, 0."""
+    from daqkd.integer_export import qlinear_add_with_constant
+
+    rng = np.random.default_rng(0)
+    codes = np.arange(256, dtype=np.uint8)
+    kernel = "avx2" if this_cpu_has_avx2() else "sse2"
+    grids = [(0.1990291327238083, 0, 0, 20.0, 1, 1.0, 0), (0.3857142925262451, 0, 0, 40.0, 1, 1.0, 0)]
+    for _ in range(100):
+        constant, zero_b = [(0, 1), (1, 0), (0, 0)][int(rng.integers(0, 3))]
+        grids.append((float(np.float32(rng.uniform(0.002, 0.05))), int(rng.integers(0, 3)), constant,
+                      float(np.float32(rng.uniform(0.001, 0.5))), zero_b, float(np.float32(rng.uniform(0.05, 1.0))),
+                      int(rng.integers(0, 256))))
+    agreeing = 0
+    for grid in grids:
+        expected = qlinear_add_session(*grid).run(None, {"a": codes})[0].astype(np.int64)
+        outputs = qlinear_add_with_constant(codes, *grid)
+        assert all(np.array_equal(expected, out) for name, out in outputs if name == kernel), grid
+        agreeing += all(np.array_equal(expected, out) for _, out in outputs)
+    first = dict(qlinear_add_with_constant(codes, *grids[0]))
+    assert (first["sse2"][103], first["avx2"][103]) == (0, 1)  # the built grids tell the kernels apart
+    assert agreeing >= 50  # most grids have no code near a tie: there the add form is exact everywhere
+
+
+def test_qlinear_add_emulation_rounds_ties_as_each_kernel_does() -> None:
+    """Hand-computed: 0.5 x code, nothing added. A half rounds to even in the float kernels and away from
+    zero in NEON's fixed point, so code 5 (2.5) gives 2 and 3, code 4 (2.0) only 2; at 2 x code, code 255
+    saturates at 255."""
+    from daqkd.integer_export import qlinear_add_with_constant
+
+    outputs = qlinear_add_with_constant(np.arange(256), 0.5, 0, 0, 1.0, 0, 1.0, 0)
+    assert {name: int(out[5]) for name, out in outputs} == {"sse2": 2, "avx2": 2, "portable": 2, "neon": 3}
+    assert {int(out[4]) for _, out in outputs} == {2}
+    assert {int(out[7]) for _, out in outputs} == {4}  # 3.5: to even and away from zero alike
+    assert {int(out[255]) for _, out in qlinear_add_with_constant(np.arange(256), 2.0, 0, 0, 1.0, 0, 1.0, 0)} == {255}

@@ -24,12 +24,15 @@ meet as written, so this module rewrites it exactly before writing the graph:
 * the k-bit range is a uint8 ``Clip`` after the ``QuantizeLinear`` (a float clamp before it would
   block the fusion); signed grids (the residual branches) are uint8 with zero point -qmin, so that
   both inputs of an addition have one type, as ``QLinearAdd`` requires.
-* a block's 8-bit input reaches its first convolution's k-bit grid through a depthwise 1x1
-  convolution (weight m, the lower bound in its bias), checked against the quantizer on all 256
-  input codes at export (the DequantizeLinear -> Sub -> QuantizeLinear chain otherwise). Its codes
-  carry the zero point 255 - qmax, so that the kernel's saturation at 255 is the grid's top and no
-  ``Clip`` follows (9 of ResNet-20's 18, ~3 % of a batch-1 run); the bottom needs no clamp where the
-  input is non-negative, which the check confirms;
+* a block's 8-bit input reaches its first convolution's k-bit grid through ``QLinearAdd`` of a
+  one-element constant, the lower bound (half the time of the depthwise 1x1 convolution it
+  replaces, ~10 % of a batch-1 run over ResNet-20's 9 blocks), where every arithmetic of
+  onnxruntime's kernels gives the quantizer's codes on all 256 input codes; else through that
+  convolution (weight m, the lower bound in its bias), checked the same way; else the
+  DequantizeLinear -> Sub -> QuantizeLinear chain. Its codes carry the zero point 255 - qmax, so
+  that the kernel's saturation at 255 is the grid's top and no ``Clip`` follows (9 of ResNet-20's
+  18, ~3 % of a batch-1 run); the bottom needs no clamp where the input is non-negative, which the
+  check confirms;
 * option-A shortcuts are 0/1 stride-2 convolutions of the codes, requantized at their own scale
   (exact), so the addition's inputs come straight from ``DequantizeLinear``.
 
@@ -206,6 +209,68 @@ def fold_quantized_conv(conv: nn.Module, bn: nn.Module | None, name: str, input_
         if np.abs(folded.bias_codes).max(initial=0) >= 2 ** 31:
             raise DaqkdError(f"{name}: its bias does not fit int32 at the kernel's scale: export without --integer")
     return folded
+
+
+def _f32(x: Any) -> np.ndarray:
+    return np.asarray(x, dtype=np.float32)
+
+
+def _fma32(a: Any, b: Any, c: Any) -> np.ndarray:
+    """float32 fused multiply-add, correctly rounded: a x b is exact in float64 for the operands here
+    (a float32 times an integer under 2^9), and where the float64 sum is inexact and lands on a
+    float32 midpoint, the sign of its error decides the side."""
+    product = _f32(a).astype(np.float64) * _f32(b).astype(np.float64)
+    addend = _f32(c).astype(np.float64)
+    total = product + addend
+    virtual = total - product
+    error = (product - (total - virtual)) + (addend - virtual)  # Knuth's two-sum: total + error is exact
+    rounded = total.astype(np.float32)
+    below = np.where(rounded.astype(np.float64) > total, np.nextafter(rounded, np.float32(-np.inf)), rounded)
+    above = np.nextafter(below, np.float32(np.inf))
+    midpoint = (total - below.astype(np.float64)) == (above.astype(np.float64) - total)
+    return np.where(midpoint & (error > 0), above, np.where(midpoint & (error < 0), below, rounded))
+
+
+def qlinear_add_with_constant(codes: np.ndarray, scale_a: float, zero_a: int, constant: int, scale_b: float,
+                              zero_b: int, scale_c: float, zero_c: int) -> list[tuple[str, np.ndarray]]:
+    """The uint8 outputs of onnxruntime's ``QLinearAdd`` of uint8 ``codes`` and a one-element constant,
+    once per arithmetic its CPU kernels use (MLAS ``qladd.cpp``, ``qladd_avx2.cpp``): SSE2 (float
+    multiply, then add), AVX2 and AVX-512 machines (fused multiply-add), NEON (22-bit fixed-point
+    multipliers, a rounding shift; the float path where the scale ratios do not allow them) and the
+    portable loop. Where a compiler may contract a scalar ``a*b + c`` into one FMA, both forms are
+    given. Returns (kernel, outputs) pairs: "sse2", "avx2", "portable", "neon" (each kernel possibly
+    more than once). Exact only if all of them agree."""
+    a = np.asarray(codes, dtype=np.int64)
+    ratio_a = _f32(scale_a) / _f32(scale_c)
+    ratio_b = _f32(scale_b) / _f32(scale_c)
+    product_a, product_b = _f32(ratio_a * np.float32(zero_a)), _f32(ratio_b * np.float32(zero_b))
+    fixed = {np.float32(zero_c) - _f32(product_a + product_b), np.float32(zero_c) - _fma32(ratio_a, zero_a, product_b),
+             np.float32(zero_c) - _fma32(ratio_b, zero_b, product_a)}
+    with_constant = {_f32(f + _f32(np.float32(constant) * ratio_b)).item() for f in fixed}
+    with_constant |= {_fma32(constant, ratio_b, f).item() for f in fixed}
+    a_float = a.astype(np.float32)
+    outputs = []
+    for part in sorted(with_constant):
+        outputs.append(("sse2", np.rint(_f32(_f32(a_float * ratio_a) + np.float32(part)))))
+        outputs.append(("avx2", np.rint(_fma32(a_float, ratio_a, part))))
+    value_b = _f32(_f32(scale_b) * np.float32(constant - zero_b))
+    low, high = np.float32(-zero_c), np.float32(255 - zero_c)
+    for value_a_plus_b in (_f32(_f32(_f32(scale_a) * (a - zero_a).astype(np.float32)) + value_b),
+                           _fma32(scale_a, (a - zero_a).astype(np.float32), value_b)):  # the portable loop
+        quotient = _f32(value_a_plus_b / _f32(scale_c))
+        outputs.append(("portable", np.rint(_f32(np.clip(quotient, low, high) + np.float32(zero_c)))))
+        outputs.append(("portable", np.rint(quotient) + zero_c))  # an older release's rounding
+    # NEON: MlasCalcQLinearAddParameters, then acc + (acc < 0), then a rounding right shift
+    greater = max(float(ratio_a), float(ratio_b))
+    if 2.0 ** -14 <= min(float(ratio_a), float(ratio_b)) and greater < 256.0:
+        shift = 21 - (int(np.float32(greater).view(np.uint32)) >> 23) + 127
+        multiplier_a = int(np.rint(np.float32(ratio_a) * np.float32(2.0 ** shift)))
+        multiplier_b = int(np.rint(np.float32(ratio_b) * np.float32(2.0 ** shift)))
+        if 13 <= shift <= 31 and 2 ** 21 <= max(multiplier_a, multiplier_b) < 2 ** 22:
+            acc = (a - zero_a) * multiplier_a + (constant - zero_b) * multiplier_b
+            acc = acc - (acc < 0)
+            outputs.append(("neon", ((acc + (1 << (shift - 1))) >> shift) + zero_c))
+    return [(kernel, np.clip(out, 0, 255).astype(np.int64)) for kernel, out in outputs]
 
 
 REQUANTIZED_TOP = 255  # the largest uint8 input code of an integer-residual block's conv1 and projection
@@ -401,38 +466,68 @@ class IntegerResNet:
         return self.quantize(value, grid, quantizer)
 
     def requantize(self, x: Codes, grid: InputGrid, quantizer: nn.Module) -> Codes | None:
-        """Codes on one grid -> ``quantizer``'s codes as one integer kernel: a depthwise 1x1
-        convolution with weight m (the largest within the AVX2 pair-sum bound), its bias the lower
-        bound, then the Q, instead of DequantizeLinear -> Sub -> QuantizeLinear -> Clip (three float
-        passes). Where the grid is unsigned and its codes never fall below 0, the output zero point
-        is 255 - qmax, so that the kernel's own saturation at 255 is the grid's top and no Clip
-        follows; otherwise zero point 0 and a Clip. The input has 256 possible codes, so the
-        kernel's arithmetic (as onnxruntime's requantization computes it, in float32) is checked
-        against ``quantizer`` on every one of them; None (the float path) if neither form agrees."""
-        g = self.graph
-        m = max(1, min(INT8_MAX, INT16_MAX // (2 * max(x.top, 1))))
+        """Codes on one grid -> ``quantizer``'s codes in one integer kernel, checked against the
+        quantizer on all 256 input codes (the input is uint8), in the kernel's own arithmetic:
+
+        * preferably ``QLinearAdd`` of the codes and a one-element constant, the grid's lower bound
+          (as fast as a table lookup: ~4 us a block at batch 1, half a depthwise convolution), where
+          every arithmetic of onnxruntime's kernels gives the quantizer's codes
+          (:func:`qlinear_add_with_constant`);
+        * else a depthwise 1x1 convolution with weight m (the largest within the AVX2 pair-sum
+          bound) and the lower bound in its bias, as onnxruntime's requantization computes it.
+
+        Where the grid is unsigned and its codes never fall below 0, the output zero point is
+        255 - qmax, so that the kernel's saturation at 255 is the grid's top and no Clip follows;
+        otherwise zero point 0 and a Clip. None (the float path) if no form agrees."""
         codes = np.arange(256)
-        bias_code = int(np.rint(-grid.shift * m / x.scale))
-        multiplier = np.float32(np.float32(x.scale) * np.float32(1.0 / m)) / np.float32(grid.scale)
-        acc = (m * (codes - x.zero_point) + bias_code).astype(np.float32)
         values = (torch.arange(256, dtype=torch.float32) - x.zero_point) * torch.tensor(x.scale, dtype=torch.float32)
         with torch.no_grad():
-            reference = torch.round(quantizer(values.view(1, 1, 16, 16)).reshape(-1) / grid.out_scale) + grid.zero_point
+            reference = torch.round(quantizer(values.view(1, 1, 16, 16)).reshape(-1) / grid.out_scale).numpy()
         valid = slice(0, x.top + 1)
-
-        def agrees(form: InputGrid) -> bool:
-            """The kernel's codes on ``form`` (saturated to qmin..qmax) are the quantizer's."""
-            kernel = np.clip(np.rint(acc * multiplier), form.qmin, form.qmax) + grid.zero_point
-            return bool(np.array_equal(kernel[valid], reference.numpy()[valid]))
-
         # the same grid with its codes shifted up to end at 255: the bottom clamp moves to -offset,
         # where the check shows that no input reaches it
         offset = 255 - grid.top
-        shifted = InputGrid(grid.scale, grid.shift, -offset, grid.qmax, offset, grid.out_scale)
-        if grid.qmin == 0 and grid.zero_point == 0 and offset > 0 and agrees(shifted):
-            grid = shifted
-        elif not agrees(grid):
-            return None
+        forms = [InputGrid(grid.scale, grid.shift, -offset, grid.qmax, offset, grid.out_scale)] \
+            if grid.qmin == 0 and grid.zero_point == 0 and offset > 0 else []
+        forms.append(grid)
+
+        def lands(kernel_codes: np.ndarray, form: InputGrid) -> bool:
+            """uint8 outputs on ``form`` (then its Clip, where :meth:`quantize` adds one) are the quantizer's."""
+            clipped = np.clip(kernel_codes, max(form.qmin + form.zero_point, 0), form.top)
+            return bool(np.array_equal(clipped[valid] - form.zero_point, reference[valid]))
+
+        # QLinearAdd: the constant's value is -l, as code 0 at zero point 1 (l > 0) or code 1 at zero point 0
+        constant, zero_b = (0, 1) if grid.shift > 0 else (1, 0) if grid.shift < 0 else (0, 0)
+        scale_b = abs(grid.shift) if grid.shift != 0 else grid.scale
+        for form in forms:
+            outputs = qlinear_add_with_constant(codes, x.scale, x.zero_point, constant, scale_b, zero_b, form.scale,
+                                                form.zero_point)
+            if all(lands(out, form) for _, out in outputs):
+                return self.add_constant(x, form, quantizer, constant, scale_b, zero_b)
+
+        m = max(1, min(INT8_MAX, INT16_MAX // (2 * max(x.top, 1))))
+        bias_code = int(np.rint(-grid.shift * m / x.scale))
+        multiplier = np.float32(np.float32(x.scale) * np.float32(1.0 / m)) / np.float32(grid.scale)
+        acc = (m * (codes - x.zero_point) + bias_code).astype(np.float32)
+        for form in forms:
+            kernel = np.clip(np.rint(acc * multiplier) + form.zero_point, 0, 255)
+            if lands(kernel, form):
+                return self.depthwise_requantization(x, form, quantizer, m, bias_code)
+        return None
+
+    def add_constant(self, x: Codes, grid: InputGrid, quantizer: nn.Module, constant: int, scale: float,
+                     zero_point: int) -> Codes:
+        g = self.graph
+        hint = self.names[quantizer].replace(".", "_")
+        lower = g.node("DequantizeLinear", [g.constant(f"{hint}_lower_code", np.full((1, 1, 1, 1), constant), np.uint8),
+                                            g.constant(f"{hint}_lower_scale", scale, np.float32),
+                                            g.constant(f"{hint}_lower_zero", zero_point, np.uint8)], f"{hint}_lower")
+        y = g.node("Add", [self.dequantize(x), lower], f"{hint}_requant")
+        return self.quantize(y, grid, quantizer, channels=x.channels)
+
+    def depthwise_requantization(self, x: Codes, grid: InputGrid, quantizer: nn.Module, m: int,
+                                 bias_code: int) -> Codes:
+        g = self.graph
         hint = self.names[quantizer].replace(".", "_")
         c = x.channels
         weight = g.node("DequantizeLinear", [g.constant(f"{hint}_requant_codes", np.full((c, 1, 1, 1), m), np.int8),
@@ -504,6 +599,14 @@ class IntegerResNet:
         name = self.names[block]
         integer = active(block.output_quantizer) is not None
         residual_q = block.residual_quantizer if integer else None
+        stem_codes = integer and isinstance(x, Codes) and x.from_float and not block.projects \
+            and not (hasattr(block, "shortcut") and not isinstance(block.shortcut, nn.Identity))
+        if stem_codes:
+            # the stem's codes come from a float QuantizeLinear, which onnxruntime keeps in NCHW: added
+            # as they are, every addition of the first stage ran in NCHW between two Transposes (7 of
+            # them, ~5 % of a batch-1 run); through an exact identity kernel the stage stays NHWC, the
+            # first convolution's requantization included
+            x = self.pad_shortcut(x, 0, block.conv1.out_channels, stride=1)
         h = self.conv(x, block.conv1, block.bn1, relu=True, output=input_quantizer(block.conv2))
         r = self.conv(h, block.conv2, block.bn2, relu=False, output=residual_q)
         if block.projects:
@@ -511,11 +614,6 @@ class IntegerResNet:
                                  output=block.shortcut_quantizer if integer else None)
         elif hasattr(block, "shortcut") and not isinstance(block.shortcut, nn.Identity):
             shortcut = self.pad_shortcut(x, block.shortcut.pad, block.conv1.out_channels)
-        elif integer and isinstance(x, Codes) and x.from_float:
-            # the stem's codes come from a float QuantizeLinear, which onnxruntime keeps in NCHW: added
-            # as they are, every addition of the first stage ran in NCHW between two Transposes (7 of
-            # them, ~5 % of a batch-1 run); through an exact identity kernel the stage stays NHWC
-            shortcut = self.pad_shortcut(x, 0, block.conv1.out_channels, stride=1)
         else:
             shortcut = x
         g = self.graph
@@ -553,7 +651,7 @@ class IntegerResNet:
             y = g.node("Conv", [self.dequantize(x), weight, bias], "shortcut", strides=[stride, stride])
             q = g.node("QuantizeLinear", [y, g.constant("shortcut_scale", x.scale, np.float32),
                                           g.constant("shortcut_zero", x.zero_point, np.uint8)], "shortcut_codes")
-            return Codes(q, x.scale, x.zero_point, x.top, None)
+            return Codes(q, x.scale, x.zero_point, x.top, None, channels)
         sliced = g.node("Slice", [x, g.constant("starts", [0, 0], int64), g.constant("ends", [2 ** 62, 2 ** 62], int64),
                                   g.constant("axes", [2, 3], int64), g.constant("steps", [2, 2], int64)], "subsampled")
         pads = g.constant("pads", [0, pad, 0, 0, 0, pad, 0, 0], int64)
