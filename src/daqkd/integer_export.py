@@ -470,7 +470,7 @@ class IntegerResNet:
         quantizer on all 256 input codes (the input is uint8), in the kernel's own arithmetic:
 
         * preferably ``QLinearAdd`` of the codes and a one-element constant, the grid's lower bound
-          (as fast as a table lookup: ~4 us a block at batch 1, half a depthwise convolution), where
+          (~4 us a block at batch 1 in a profile, half a depthwise convolution), where
           every arithmetic of onnxruntime's kernels gives the quantizer's codes
           (:func:`qlinear_add_with_constant`);
         * else a depthwise 1x1 convolution with weight m (the largest within the AVX2 pair-sum
@@ -599,9 +599,8 @@ class IntegerResNet:
         name = self.names[block]
         integer = active(block.output_quantizer) is not None
         residual_q = block.residual_quantizer if integer else None
-        stem_codes = integer and isinstance(x, Codes) and x.from_float and not block.projects \
-            and not (hasattr(block, "shortcut") and not isinstance(block.shortcut, nn.Identity))
-        if stem_codes:
+        pads = hasattr(block, "shortcut") and not isinstance(block.shortcut, nn.Identity)
+        if integer and isinstance(x, Codes) and x.from_float and not block.projects and not pads:
             # the stem's codes come from a float QuantizeLinear, which onnxruntime keeps in NCHW: added
             # as they are, every addition of the first stage ran in NCHW between two Transposes (7 of
             # them, ~5 % of a batch-1 run); through an exact identity kernel the stage stays NHWC, the
@@ -612,7 +611,7 @@ class IntegerResNet:
         if block.projects:
             shortcut = self.conv(x, block.downsample[0], block.downsample[1], relu=False,
                                  output=block.shortcut_quantizer if integer else None)
-        elif hasattr(block, "shortcut") and not isinstance(block.shortcut, nn.Identity):
+        elif pads:
             shortcut = self.pad_shortcut(x, block.shortcut.pad, block.conv1.out_channels)
         else:
             shortcut = x
