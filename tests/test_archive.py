@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import tracemalloc
 import zipfile
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from daqkd.cli import main
-from daqkd.data import _read_member, load_array_archive, load_data
+from daqkd.data import load_array_archive, load_data
 from daqkd.errors import DaqkdError
 
 
@@ -52,16 +53,38 @@ def test_archive_layout_labels_and_limit(tmp_path: Path, compressed: bool) -> No
     assert limited.images[:, 0, 0, 0].tolist() == [0, 1, 2, 3, 4, 5]
 
 
-def test_stored_members_are_memory_mapped_and_equal_compressed(tmp_path: Path) -> None:
+def test_stored_and_compressed_archives_read_the_same_and_fortran_order_is_kept(tmp_path: Path) -> None:
     stored = make_archive(tmp_path / "s.npz", compressed=False)
     packed = make_archive(tmp_path / "p.npz", compressed=True)
-    with np.load(stored, allow_pickle=False) as archive:
-        assert isinstance(_read_member(stored, archive, "x_train", mmap=True), np.memmap)
-    with np.load(packed, allow_pickle=False) as archive:
-        assert not isinstance(_read_member(packed, archive, "x_train", mmap=True), np.memmap)
     for split in ("train", "test"):
         a, b = load_array_archive(stored, split, 4), load_array_archive(packed, split, 4)
         assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    images = np.asfortranarray(np.random.default_rng(0).integers(0, 256, (18, 8, 8, 3), dtype=np.uint8))
+    fortran = make_archive(tmp_path / "f.npz", x_train=images)
+    for limit in (None, 2):
+        data = load_array_archive(fortran, "train", limit)
+        keep = list(range(18)) if limit is None else [0, 1, 2, 3, 4, 5]
+        assert torch.equal(data.images, torch.from_numpy(images[keep]).permute(0, 3, 1, 2))
+
+
+def test_a_limit_keeps_only_the_chosen_images_in_memory(tmp_path: Path) -> None:
+    """A compressed x_train was decompressed whole before the first K of each class were picked: a
+    632 KB archive cost 1.3 GB. Now the kept rows are copied while the member streams past."""
+    count, size = 4000, 40  # 19.2 MB of pixels that compress to ~20 KB
+    images = np.zeros((count, size, size, 3), dtype=np.uint8)
+    images[:, 0, 0, 0] = np.arange(count) % 256
+    labels = np.arange(count) % 10
+    path = tmp_path / "zeros.npz"
+    np.savez_compressed(path, x_train=images, y_train=labels, x_test=images[:10], y_test=labels[:10])
+    assert path.stat().st_size < 1_000_000
+    tracemalloc.start()
+    try:
+        data = load_array_archive(path, "train", limit_per_class=3)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert data.images[:, 0, 0, 0].tolist() == list(range(30)) and data.labels.tolist() == list(range(10)) * 3
+    assert peak < 8_000_000, peak  # the whole member is 19.2 MB; chunks are 1 MB
 
 
 def _npy_bytes(array: np.ndarray, declared_shape: tuple[int, ...] | None = None) -> bytes:
@@ -76,7 +99,7 @@ def _npy_bytes(array: np.ndarray, declared_shape: tuple[int, ...] | None = None)
 
 def test_a_stored_member_whose_header_declares_more_images_than_it_holds(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """The memmap would read the 12 missing images out of the zip bytes that follow x_train."""
+    """A memmap read the 12 missing images out of the zip bytes that follow x_train."""
     path = tmp_path / "short.npz"
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
         archive.writestr("x_train.npy", _npy_bytes(_images(18), declared_shape=(30, 8, 8, 3)))
@@ -101,7 +124,68 @@ def test_a_stored_member_with_a_bad_crc_is_refused(tmp_path: Path, capsys: pytes
     path.write_bytes(bytes(raw))
     assert main(["eval", str(tmp_path / "run"), "--data", str(path), "--split", "train"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "cannot read x_train" in err[0] and "do not match the archive's CRC-32" in err[0], err
+    assert len(err) == 1 and "cannot read x_train" in err[0] and "Bad CRC-32" in err[0], err
+
+
+def _central_record(raw: bytes, name: str) -> int:
+    """Offset of ``name``'s record in the zip's central directory (the one zipfile.getinfo reads)."""
+    start = raw.index(b"PK\x01\x02")
+    while raw[start + 46:start + 46 + int.from_bytes(raw[start + 28:start + 30], "little")] != name.encode():
+        start = raw.index(b"PK\x01\x02", start + 4)
+    return start
+
+
+def _write_members(path: Path, members: dict[str, bytes], compression: int) -> Path:
+    with zipfile.ZipFile(path, "w", compression) as archive:
+        for key, data in members.items():
+            archive.writestr(key + ".npy", data)
+    return path
+
+
+@pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED], ids=["stored", "compressed"])
+@pytest.mark.parametrize("key,declared", [("y_train", (10 ** 12,)), ("x_train", (10 ** 9, 8, 8, 3))])
+def test_a_huge_declared_shape_is_refused_before_anything_is_allocated(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], compression: int, key: str,
+        declared: tuple[int, ...]) -> None:
+    """np.load trusts the header and asked for 7.3 TiB (y_train) or 179 GiB (x_train)."""
+    members = {"x_train": _npy_bytes(_images(18)), "y_train": _npy_bytes(np.arange(18) % 3),
+               "x_test": _npy_bytes(_images(6)), "y_test": _npy_bytes(np.arange(6) % 3)}
+    members[key] = _npy_bytes(np.arange(18) % 3 if key == "y_train" else _images(18), declared_shape=declared)
+    path = _write_members(tmp_path / "huge.npz", members, compression)
+    assert main(["eval", str(tmp_path / "run"), "--data", str(path), "--split", "train"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"cannot read {key} (its header declares shape {declared}" in err[0], err
+
+
+def test_a_compressed_size_beyond_what_deflate_can_expand_to_is_refused(tmp_path: Path) -> None:
+    """The zip's own record of the uncompressed size can lie too: DEFLATE expands at most 1032:1."""
+    labels = np.arange(18) % 3
+    path = _write_members(tmp_path / "lie.npz", {"x_train": _npy_bytes(_images(18)), "y_train": _npy_bytes(labels),
+                                                 "x_test": _npy_bytes(_images(6)),
+                                                 "y_test": _npy_bytes(np.arange(6) % 3)}, zipfile.ZIP_DEFLATED)
+    raw = bytearray(path.read_bytes())
+    record = _central_record(raw, "y_train.npy")
+    raw[record + 24:record + 28] = (2 ** 32 - 1).to_bytes(4, "little")  # its uncompressed size
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DaqkdError, match="cannot read y_train .*more than DEFLATE can expand to"):
+        load_array_archive(path, "train")
+
+
+def test_a_compressed_member_with_a_bad_crc_is_refused(tmp_path: Path) -> None:
+    images = _images(18)
+    images[-1, -1, -1, -1] = 7
+    members = {"x_train": _npy_bytes(images), "y_train": _npy_bytes(np.arange(18) % 3),
+               "x_test": _npy_bytes(_images(6)), "y_test": _npy_bytes(np.arange(6) % 3)}
+    path = _write_members(tmp_path / "crc.npz", members, zipfile.ZIP_DEFLATED)
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo("x_train.npy")
+    raw = bytearray(path.read_bytes())
+    for record in (info.header_offset + 14, _central_record(raw, "x_train.npy") + 16):
+        raw[record:record + 4] = (info.CRC ^ 1).to_bytes(4, "little")  # local and central CRC both wrong
+    path.write_bytes(bytes(raw))
+    for limit in (None, 1):  # streamed to the end either way, so the check is made
+        with pytest.raises(DaqkdError, match="cannot read x_train .*Bad CRC-32"):
+            load_array_archive(path, "train", limit)
 
 
 def test_gray_images_keras_label_shape_and_default_class_names(tmp_path: Path) -> None:
@@ -126,6 +210,8 @@ BAD_ARCHIVES = [
     ({"x_train": np.zeros((18, 3, 8, 8), dtype=np.uint8)}, "x_train has shape (18, 3, 8, 8), channels first"),
     ({"x_test": np.zeros((6, 8, 8, 4), dtype=np.uint8)}, "x_test has shape (6, 8, 8, 4)"),
     ({"x_test": _images(5)}, "x_test holds 5 images but y_test has 6 labels"),
+    ({"x_train": np.zeros((18, 0, 0, 3), dtype=np.uint8)}, "x_train has shape (18, 0, 0, 3): images of zero height"),
+    ({"x_test": np.zeros((6, 8, 0), dtype=np.uint8)}, "x_test has shape (6, 8, 0): images of zero height"),
     ({"y_train": np.arange(18) % 3 + 0.0}, "y_train has dtype float64"),
     ({"y_train": np.zeros((18, 2), dtype=np.int64)}, "y_train has shape (18, 2)"),
     ({"y_test": np.array([0, 1, 2, 3, 0, 1])}, "y_test has label 3 but there are 3 classes"),

@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import math
 import os
-import struct
 import warnings
 import zipfile
-import zlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -261,10 +259,10 @@ def load_array_archive(path: str | Path, split: str = "train", limit_per_class: 
     (grayscale, both replicated to 3 channels as folders decode them); ``y_train``/``y_test``
     integer labels (N,) or (N, 1) in 0..K-1; optional ``classes``, K names in label order (else
     ``0``..``K-1`` with K = max(y_train) + 1). Every class needs at least one train image, so train
-    and test agree on K. Nothing is unpickled (``allow_pickle=False``); an uncompressed member
-    (``np.savez``) is memory-mapped, so ``limit_per_class`` reads only the images it keeps, a
-    compressed one (``np.savez_compressed``) is decompressed once. Raises DaqkdError naming the key
-    of any problem.
+    and test agree on K. Nothing is unpickled. Every member streams through once (checked against
+    its header's shape before anything is allocated and against its CRC-32 at the end), and only
+    the images ``limit_per_class`` keeps are copied, so a limit costs the kept images in memory even
+    for a compressed archive (``np.savez_compressed``). Raises DaqkdError naming the key of any problem.
     """
     path = Path(path)
     if not path.is_file():
@@ -293,14 +291,10 @@ def load_array_archive(path: str | Path, split: str = "train", limit_per_class: 
         labels = train_labels if split == "train" else _labels(_read_member(path, archive, f"y_{split}"), f"y_{split}")
         _check_label_range(labels, f"y_{split}", len(classes))
         image_key = f"x_{split}"
-        images = _read_member(path, archive, image_key, mmap=True)
-        _check_images(images, image_key, len(labels), f"y_{split}")
+        member = _open_member(path, archive, image_key)
+        _check_images(member.shape, member.dtype, image_key, len(labels), f"y_{split}")
         keep = limit_indices(labels.tolist(), limit_per_class)
-        # fancy indexing copies only the kept images; a whole memmap is copied into RAM once
-        if len(keep) < len(labels):
-            picked = images[keep]
-        else:
-            picked = np.array(images) if isinstance(images, np.memmap) else images
+        picked = _read_body(path, member, keep if len(keep) < len(labels) else None)
     tensor = torch.from_numpy(np.ascontiguousarray(picked))
     tensor = tensor.unsqueeze(-1) if tensor.ndim == 3 else tensor
     tensor = tensor.permute(0, 3, 1, 2).expand(-1, 3, -1, -1).contiguous()
@@ -312,66 +306,103 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
-def _read_member(path: Path, archive: np.lib.npyio.NpzFile, key: str, mmap: bool = False) -> np.ndarray:
-    """Array ``key`` of the archive: memory-mapped when stored uncompressed and ``mmap``, else read."""
+# zlib's bound on DEFLATE's expansion (1032:1): a compressed member whose recorded size exceeds it lies
+DEFLATE_MAX_EXPANSION = 1032
+# bytes decompressed at a time when only some images are kept: memory stays at the kept images plus this
+READ_CHUNK_BYTES = 1 << 20
+
+
+@dataclass
+class _Member:
+    """An open ``.npy`` member of an archive, its header read: the array body comes next in ``stream``."""
+
+    key: str
+    stream: Any  # zipfile.ZipExtFile: checks the CRC-32 when the body has been read to its end
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fortran_order: bool
+
+
+def _open_member(path: Path, archive: np.lib.npyio.NpzFile, key: str) -> _Member:
+    """Open member ``key`` and read its .npy header, checking before anything is allocated that the
+    header's shape fits the member's recorded size (a lying header once read past the member's end, or
+    asked for terabytes). ``np.load``'s own reader trusts the header, so this is done by hand."""
     try:
-        if mmap:
-            mapped = _memmap_member(path, archive.zip.getinfo(key + ".npy"))
-            if mapped is not None:
-                return mapped
-        return archive[key]
-    except ValueError as exc:
-        if "allow_pickle" in str(exc) or "Object arrays" in str(exc):
+        info = archive.zip.getinfo(key + ".npy")
+        if info.compress_type == zipfile.ZIP_DEFLATED and \
+                info.file_size > DEFLATE_MAX_EXPANSION * info.compress_size + 1024:
+            raise ValueError(f"the zip records {info.file_size:,} bytes for {info.compress_size:,} compressed, "
+                             "more than DEFLATE can expand to")
+        stream = archive.zip.open(info)
+        version = np.lib.format.read_magic(stream)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(stream)
+        if dtype.hasobject:
             raise DaqkdError(f"{path}: {key} is an array of Python objects, which would need unpickling (daqkd "
-                             f"never unpickles data): store {key} as a numeric array") from exc
+                             f"never unpickles data): store {key} as a numeric array")
+        declared = stream.tell() + math.prod(shape) * dtype.itemsize
+        if declared != info.file_size:
+            raise ValueError(f"its header declares shape {tuple(shape)} ({declared:,} bytes with the header) but the "
+                             f"member holds {info.file_size:,} bytes")
+    except ValueError as exc:
         raise DaqkdError(f"{path}: cannot read {key} ({_first_line(exc)}): rewrite the archive with np.savez") from exc
     except (OSError, EOFError, zipfile.BadZipFile) as exc:
         raise DaqkdError(f"{path}: cannot read {key} ({_first_line(exc)}): is the file complete?") from exc
+    return _Member(key, stream, tuple(shape), dtype, fortran_order)
 
 
-def _check_member_crc(path: Path, data_start: int, info: zipfile.ZipInfo) -> None:
-    """Raise ValueError unless the stored member's bytes match the CRC-32 the zip records: a memmap
-    skips the check zipfile makes on every read. Streams the member once (~0.1 s per 150 MB)."""
-    crc, left = 0, info.file_size
-    with open(path, "rb") as f:
-        f.seek(data_start)
-        while left:
-            chunk = f.read(min(left, 1 << 24))
-            if not chunk:
-                raise EOFError(f"the member ends {left:,} bytes early")
-            crc, left = zlib.crc32(chunk, crc), left - len(chunk)
-    if crc != info.CRC:
-        raise ValueError(f"its bytes do not match the archive's CRC-32 ({crc:08x}, recorded {info.CRC:08x})")
+def _read_body(path: Path, member: _Member, keep: Sequence[int] | None = None) -> np.ndarray:
+    """The member's array, or only its rows ``keep`` (in that order): those are picked while the body
+    streams past, so a compressed archive costs the kept rows in memory, not the whole array. The
+    stream is read to its end either way, so zipfile checks every byte against the CRC-32."""
+    shape, dtype = member.shape, member.dtype
+    row_bytes = math.prod(shape[1:]) * dtype.itemsize if shape else dtype.itemsize
+    pick = keep is not None and not member.fortran_order and len(shape) >= 1
+    try:
+        out = np.empty((len(keep),) + shape[1:] if pick else shape, dtype=dtype,
+                       order="F" if member.fortran_order else "C")
+    except MemoryError as exc:
+        raise DaqkdError(f"{path}: {member.key} of shape {shape} does not fit in memory: pass --limit-per-class "
+                         "to keep fewer images") from exc
+    flat = out.reshape(-1, order="A").view(np.uint8)
+    try:
+        if pick:
+            order = np.argsort(np.asarray(keep, dtype=np.int64), kind="stable")
+            sorted_keep = np.asarray(keep, dtype=np.int64)[order]
+            rows_per_chunk = max(1, READ_CHUNK_BYTES // max(row_bytes, 1))
+            next_pick, first_row = 0, 0
+            while first_row < shape[0]:
+                rows = min(rows_per_chunk, shape[0] - first_row)
+                chunk = _read_exactly(member.stream, rows * row_bytes)
+                end = np.searchsorted(sorted_keep, first_row + rows)
+                for target, row in zip(order[next_pick:end].tolist(), sorted_keep[next_pick:end].tolist()):
+                    start = (row - first_row) * row_bytes
+                    flat[target * row_bytes:(target + 1) * row_bytes] = np.frombuffer(chunk, np.uint8, row_bytes, start)
+                next_pick, first_row = end, first_row + rows
+        else:
+            for start in range(0, flat.size, READ_CHUNK_BYTES):
+                size = min(READ_CHUNK_BYTES, flat.size - start)
+                flat[start:start + size] = np.frombuffer(_read_exactly(member.stream, size), np.uint8)
+        if member.stream.read(1):  # the end: also where zipfile compares the CRC-32
+            raise ValueError("the member holds more bytes than its header declares")
+    except (OSError, EOFError, zipfile.BadZipFile, ValueError) as exc:
+        raise DaqkdError(f"{path}: cannot read {member.key} ({_first_line(exc)}): is the file complete?") from exc
+    finally:
+        member.stream.close()
+    # a Fortran-ordered body holds no row contiguously, so it is read whole and the rows picked after
+    return out[np.asarray(keep, dtype=np.int64)] if keep is not None and not pick else out
 
 
-def _memmap_member(path: Path, info: zipfile.ZipInfo) -> np.ndarray | None:
-    """A read-only memmap of an uncompressed ``.npy`` member of a zip file, or None if compressed.
+def _read_exactly(stream: Any, size: int) -> bytes:
+    data = stream.read(size)
+    if len(data) != size:
+        raise EOFError(f"the member ends {size - len(data):,} bytes early")
+    return data
 
-    numpy's ``mmap_mode`` ignores .npz archives, so the member's offset is found by hand: the zip
-    local file header (30 bytes, then the name and the extra field) precedes the .npy data.
-    """
-    if info.compress_type != zipfile.ZIP_STORED:
-        return None
-    with open(path, "rb") as f:
-        f.seek(info.header_offset)
-        header = f.read(30)
-        if len(header) != 30 or header[:4] != b"PK\x03\x04":
-            return None
-        name_length, extra_length = struct.unpack("<HH", header[26:30])
-        f.seek(info.header_offset + 30 + name_length + extra_length)
-        version = np.lib.format.read_magic(f)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran_order, dtype = read_header(f)
-        offset = f.tell()
-    if dtype.hasobject:
-        raise ValueError("Object arrays cannot be loaded when allow_pickle=False")
-    data_start = info.header_offset + 30 + name_length + extra_length
-    declared = (offset - data_start) + math.prod(shape) * dtype.itemsize
-    if declared != info.file_size:  # a header that declares more (or fewer) items than the member holds
-        raise ValueError(f"its header declares shape {tuple(shape)} ({declared:,} bytes with the header) but the "
-                         f"member holds {info.file_size:,} bytes")
-    _check_member_crc(path, data_start, info)
-    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran_order else "C")
+
+def _read_member(path: Path, archive: np.lib.npyio.NpzFile, key: str) -> np.ndarray:
+    """The whole array ``key`` of the archive."""
+    return _read_body(path, _open_member(path, archive, key))
 
 
 def _labels(array: np.ndarray, key: str) -> np.ndarray:
@@ -421,18 +452,22 @@ def _check_label_range(labels: np.ndarray, key: str, num_classes: int) -> None:
                          f"0..{num_classes - 1} (one name per class in classes)")
 
 
-def _check_images(images: np.ndarray, key: str, count: int, label_key: str) -> None:
-    if images.dtype != np.uint8:
-        raise DaqkdError(f"{key} has dtype {images.dtype}: store uint8 pixels 0..255 "
+def _check_images(shape: tuple[int, ...], dtype: np.dtype, key: str, count: int, label_key: str) -> None:
+    """Check an image member's header before its pixels are read."""
+    if dtype != np.uint8:
+        raise DaqkdError(f"{key} has dtype {dtype}: store uint8 pixels 0..255 "
                          "(from [0, 1] floats: (x * 255).round().astype(np.uint8))")
-    if images.ndim == 4 and images.shape[-1] not in (1, 3) and images.shape[1] in (1, 3):
-        raise DaqkdError(f"{key} has shape {images.shape}, channels first: store N x H x W x C "
+    if len(shape) == 4 and shape[-1] not in (1, 3) and shape[1] in (1, 3):
+        raise DaqkdError(f"{key} has shape {shape}, channels first: store N x H x W x C "
                          "(x.transpose(0, 2, 3, 1))")
-    if not (images.ndim == 3 or (images.ndim == 4 and images.shape[-1] in (1, 3))):
-        raise DaqkdError(f"{key} has shape {images.shape}: store images as N x H x W x 3 (RGB) or N x H x W (gray)")
-    if images.shape[0] != count:
-        raise DaqkdError(f"{key} holds {images.shape[0]} images but {label_key} has {count} labels: "
+    if not (len(shape) == 3 or (len(shape) == 4 and shape[-1] in (1, 3))):
+        raise DaqkdError(f"{key} has shape {shape}: store images as N x H x W x 3 (RGB) or N x H x W (gray)")
+    if shape[0] != count:
+        raise DaqkdError(f"{key} holds {shape[0]} images but {label_key} has {count} labels: "
                          "they must pair up one to one")
+    if 0 in shape[1:3]:
+        raise DaqkdError(f"{key} has shape {shape}: images of zero height or width hold no pixels; "
+                         "store N x H x W x 3 with H, W >= 1")
 
 
 def image_set_from_dataset(dataset: Any, classes: Sequence[str] | None = None, source: str = "dataset") -> ImageSet:
