@@ -718,36 +718,75 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
     return report
 
 
+ONNX_METADATA_REMEDY = "export it again with daqkd export"
+
+
 def _evaluate_onnx(options: EvalOptions) -> dict[str, Any]:
-    """:func:`evaluate` for an ONNX file written by :func:`export_model`, run by onnxruntime (CPU)."""
+    """:func:`evaluate` for an ONNX file run by onnxruntime (CPU). A file from :func:`export_model`
+    carries its classes, architecture and bit widths, which are checked and reported; for any other
+    file the report's ``unchecked`` names what could not be checked, and they are reported as None."""
     from .export import OnnxModel, onnx_weight_bytes
 
     for name in ("arch", "normalize"):
         if getattr(options, name) is not None:
             raise DaqkdError(f"an ONNX file carries its architecture and normalization: drop --{name}")
     model = OnnxModel(options.run, optimization=options.onnx_optimization)
+    info = _onnx_metadata(model)
     test = options.load(options.split)
-    classes = model.metadata_value("classes")
-    if isinstance(classes, list) and list(classes) != list(test.classes):
+    model.num_classes = test.num_classes
+    classes = info["classes"]
+    if classes is not None and list(classes) != list(test.classes):
         raise DaqkdError(f"{options.run} was exported for other classes than the data's ({len(classes)} classes, "
                          f"first {classes[:3]}; the data's: {test.classes[:3]}): pass the data set it was trained on")
+    if model.output_classes is not None and model.output_classes != test.num_classes:
+        raise DaqkdError(f"{options.run} outputs {model.output_classes} classes but the data has "
+                         f"{test.num_classes}: pass the data set it was trained on")
     side = model.input_shape[2:]
     sizes = {tuple(t.shape[-2:]) for t in (test.images if isinstance(test.images, list) else [test.images[:1]])}
     if all(isinstance(d, int) for d in side) and sizes != {tuple(side)}:
         raise DaqkdError(f"{options.run} takes {side[0]}x{side[1]} images but the data's are "
                          f"{', '.join(f'{h}x{w}' for h, w in sorted(sizes))}: export it again with --image-size")
+    unchecked = []
+    if classes is None:
+        unchecked.append(f"class order (its outputs are taken as the data's {test.num_classes} classes in order)")
+    if info["arch"] is None:
+        unchecked.append("architecture, normalization and bit widths (no daqkd metadata)")
     metrics = evaluate_model(model, test, torch.device("cpu"))
-    quant = model.metadata_value("quant")
     size = {**onnx_weight_bytes(options.run), "file_bytes": Path(options.run).stat().st_size}
-    report = {"run": str(options.run), "arch": model.metadata_value("arch", "?"),
-              "normalize": model.metadata_value("normalize", "?"), "data": test.source, "split": options.split,
-              "images": len(test), "w_bits": quant["w_bits"] if quant else 32,
-              "a_bits": quant["a_bits"] if quant else 32, "method": quant["method"] if quant else None,
+    report = {"run": str(options.run), **info, "data": test.source, "split": options.split, "images": len(test),
               "runtime": f"onnxruntime, CPU, graph optimization {options.onnx_optimization}", **metrics,
-              "size": size}
+              "size": size, "unchecked": unchecked}
+    del report["classes"]
     if options.out:
         write_json_atomic(options.out, report)
     return report
+
+
+def _onnx_metadata(model: Any) -> dict[str, Any]:
+    """arch, normalize, classes, w_bits, a_bits and method from an ONNX file's daqkd metadata; all
+    None for a file without it (no ``arch``). A daqkd file's entries must be what export wrote."""
+    path = model.path
+    arch = model.metadata_value("arch")
+    if arch is None:
+        return {"arch": None, "normalize": None, "classes": None, "w_bits": None, "a_bits": None, "method": None}
+    if not isinstance(arch, str):
+        raise damaged_metadata(path, f"arch is {arch!r}, not a name", ONNX_METADATA_REMEDY)
+    normalize = model.metadata_value("normalize")
+    if normalize is not None and not isinstance(normalize, str):
+        raise damaged_metadata(path, f"normalize is {normalize!r}, not a name", ONNX_METADATA_REMEDY)
+    classes = model.metadata_value("classes")
+    if classes is not None and (not isinstance(classes, list) or not all(isinstance(c, str) for c in classes)):
+        raise damaged_metadata(path, f"classes is {str(classes)[:60]!r}, not a list of names", ONNX_METADATA_REMEDY)
+    quant = model.metadata_value("quant")
+    if quant is None:
+        return {"arch": arch, "normalize": normalize, "classes": classes, "w_bits": 32, "a_bits": 32, "method": None}
+    bits_ok = isinstance(quant, dict) and all(
+        isinstance(quant.get(k), int) and not isinstance(quant.get(k), bool) for k in ("w_bits", "a_bits"))
+    if not bits_ok or not isinstance(quant.get("method"), str):
+        raise damaged_metadata(path, f"quant is {str(quant)[:60]!r}, not an object with integer w_bits and a_bits "
+                               "and a method name", ONNX_METADATA_REMEDY)
+    return {"arch": arch, "normalize": normalize, "classes": classes, "w_bits": quant["w_bits"],
+            "a_bits": quant["a_bits"], "method": quant["method"]}
 
 
 def teacher_of(run: str | Path) -> Path:

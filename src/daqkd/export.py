@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -319,9 +320,17 @@ def _store_codes_narrow(proto: Any, layers: dict[str, dict[str, Any]]) -> None:
 
 # --- running ONNX files ---
 
+FLOAT_TENSOR_TYPES = ("tensor(float)", "tensor(double)", "tensor(float16)", "tensor(bfloat16)")
+
+
 class OnnxModel(nn.Module):
     """An ONNX classifier run by onnxruntime's CPU provider, called like a NormalizedModel:
     (B, 3, H, W) uint8 images -> (B, classes) float32 logits (on the input's device).
+
+    Files from elsewhere are checked as far as their signatures allow: one uint8 input (B, 3, H, W),
+    and the logits are the output named ``logits``, else the only float (batch, classes) output. A
+    fixed batch dimension is honoured by feeding that many images at a time (the last call padded).
+    ``num_classes``, when given, is the width every call's logits must have.
 
     ``optimization``: onnxruntime's graph optimization level, ``all`` (its default, what a deployment
     runs), ``basic`` or ``none`` (the graph as written: the reference for equivalence tests).
@@ -330,7 +339,7 @@ class OnnxModel(nn.Module):
     LEVELS = ("none", "basic", "extended", "all")
 
     def __init__(self, path: str | Path, optimization: str = "all", threads: int = 0,
-                 optimized_path: str | Path | None = None) -> None:
+                 optimized_path: str | Path | None = None, num_classes: int | None = None) -> None:
         super().__init__()
         ort = require("onnxruntime")
         if optimization not in self.LEVELS:
@@ -346,24 +355,67 @@ class OnnxModel(nn.Module):
             options.optimized_model_filepath = str(optimized_path)
         if not Path(path).is_file():
             raise DaqkdError(f"{path} does not exist or is not a file: pass an ONNX file written by daqkd export")
+        self.path = Path(path)
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own exception types for bad files
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise DaqkdError(f"{path} is not a valid ONNX model ({first[:200]}): pass a file written by "
+            raise DaqkdError(f"{path} is not a valid ONNX model ({_first_line(exc)}): pass a file written by "
                              "daqkd export") from exc
         inputs = self.session.get_inputs()
         if len(inputs) != 1 or inputs[0].type != "tensor(uint8)" or len(inputs[0].shape) != 4:
-            raise DaqkdError(f"{path} does not take one uint8 image batch (B, 3, H, W): pass a file written by "
-                             "daqkd export")
+            signature = ", ".join(f"{i.name} {i.type} {list(i.shape)}" for i in inputs)
+            raise DaqkdError(f"{path} takes {signature or 'no input'}, not one uint8 image batch (B, 3, H, W): "
+                             "pass a file written by daqkd export")
+        channels = inputs[0].shape[1]
+        if isinstance(channels, int) and channels != 3:
+            raise DaqkdError(f"{path} takes {channels}-channel images {list(inputs[0].shape)}; daqkd feeds RGB "
+                             "(B, 3, H, W) uint8: export the model with a 3-channel input")
         self.input_name = inputs[0].name
         self.input_shape = inputs[0].shape
+        batch = inputs[0].shape[0]
+        self.fixed_batch = batch if isinstance(batch, int) and batch > 0 else None
+        self.logits_index = self._logits_output(self.session.get_outputs())
+        self.num_classes = num_classes
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
+
+    def _logits_output(self, outputs: list[Any]) -> int:
+        """Index of the logits among the outputs: the one named ``logits``, else the only float 2-D one."""
+        named = [i for i, o in enumerate(outputs) if o.name == "logits"]
+        candidates = named or [i for i, o in enumerate(outputs) if o.type in FLOAT_TENSOR_TYPES and len(o.shape) == 2]
+        if len(candidates) != 1:
+            signature = ", ".join(f"{o.name} {o.type} {list(o.shape)}" for o in outputs)
+            raise DaqkdError(f"{self.path} has outputs {signature}: daqkd eval needs one float (batch, classes) "
+                             "output, named logits when there are several")
+        chosen = outputs[candidates[0]]
+        if chosen.type not in FLOAT_TENSOR_TYPES or len(chosen.shape) != 2:
+            raise DaqkdError(f"{self.path}'s output {chosen.name} is {chosen.type} {list(chosen.shape)}: daqkd eval "
+                             "scores float logits (batch, classes), not labels or integer scores")
+        width = chosen.shape[1]
+        self.output_classes = width if isinstance(width, int) else None
+        return candidates[0]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         array = images.detach().to("cpu", torch.uint8).contiguous().numpy()
-        logits = self.session.run(None, {self.input_name: array})[0]
-        return torch.from_numpy(logits).to(images.device)
+        step = self.fixed_batch or max(len(array), 1)
+        parts = []
+        for start in range(0, len(array), step):
+            chunk = array[start:start + step]
+            if len(chunk) < step:  # a fixed batch: pad the last call, keep only the real images' logits
+                chunk = np.concatenate([chunk, np.zeros((step - len(chunk),) + chunk.shape[1:], chunk.dtype)])
+            try:
+                logits = self.session.run(None, {self.input_name: chunk})[self.logits_index]
+            except Exception as exc:  # onnxruntime's own exception types
+                raise DaqkdError(f"onnxruntime cannot run {self.path} on a {list(chunk.shape)} uint8 batch "
+                                 f"({_first_line(exc)}): pass a file written by daqkd export") from exc
+            if logits.ndim != 2 or len(logits) != len(chunk):
+                raise DaqkdError(f"{self.path} returned logits of shape {list(logits.shape)} for {len(chunk)} "
+                                 "images: daqkd eval needs (batch, classes)")
+            parts.append(logits[:len(array) - start])
+        logits = np.concatenate(parts) if parts else np.zeros((0, self.num_classes or 0), np.float32)
+        if self.num_classes is not None and logits.shape[1] != self.num_classes:
+            raise DaqkdError(f"{self.path} outputs {logits.shape[1]} classes but the data has {self.num_classes}: "
+                             "pass the data set it was trained on")
+        return torch.from_numpy(logits.astype(np.float32, copy=False)).to(images.device)
 
     def metadata_value(self, key: str, default: Any = None) -> Any:
         """A metadata entry, JSON-decoded where it is JSON."""
@@ -373,6 +425,11 @@ class OnnxModel(nn.Module):
             return json.loads(self.metadata[key])
         except ValueError:
             return self.metadata[key]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def is_onnx_file(path: str | Path | None) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from ..api import EvalOptions, evaluate
@@ -25,7 +26,11 @@ def add_parser(subparsers: Any) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     report = evaluate(EvalOptions.from_namespace(args))
     size, metrics = report["size"], report
-    print(f"{report['arch']} W{report['w_bits']}A{report['a_bits']}: top-1 {metrics['top1']:.2f}%  "
+    for what in report.get("unchecked", []):
+        print(f"daqkd eval: note: {report['run']} does not say its {what}: unchecked", file=sys.stderr)
+    model = (f"{report['arch']} W{report['w_bits']}A{report['a_bits']}" if report["arch"] is not None
+             else "model of unknown architecture and bit widths")
+    print(f"{model}: top-1 {metrics['top1']:.2f}%  "
           f"top-5 {metrics['top5']:.2f}%  loss {metrics['loss']:.4f}  on {report['images']:,} {report['split']} images")
     if "runtime" in report:
         print(f"run by {report['runtime']}; weights stored in {size['bytes'] / 1e6:.3f} MB vs "
