@@ -610,3 +610,37 @@ def test_ewgs_hessian_sample_counts_only_for_hessian_runs_and_old_runs_are_refus
     store("b-seed0", method="ewgs", ewgs_delta="hessian")  # config.json from before the sample options
     with pytest.raises(DaqkdError, match=r"--ewgs-hessian-probes '2 batches of <= 64 images x 1 probe"):
         check_same_configuration(tmp_path, SweepOptions(ewgs_delta="hessian"), None)
+
+
+GOOD_CONFIG = {"augs": "none+cutmix,augmix", "seed": 0, "seeds": 2, "epochs": 3, "method": "ewgs", "w_bits": 2,
+               "a_bits": 2, "kd": "kd", "default": "none"}
+
+
+@pytest.mark.parametrize("stored,message", [
+    ([1, 2, 3], "is not a daqkd sweep's results.json (an object with config and meta)"),
+    ({"config": [1], "meta": {}}, "is not a daqkd sweep's results.json"),
+    ({"config": {**GOOD_CONFIG, "epochs": "3"}, "meta": {}},
+     "has a damaged config (epochs must be a whole number, got '3' (str)): rerun the sweep into a new --out"),
+    ({"config": {**GOOD_CONFIG, "seeds": 0}, "meta": {}}, "has a damaged config (seeds is 0, not at least 1)"),
+    ({"config": {k: v for k, v in GOOD_CONFIG.items() if k != "epochs"}, "meta": {}},
+     "has a damaged config (no epochs)"),
+    ({"config": {**GOOD_CONFIG, "augs": ["none"]}, "meta": {}}, "has a damaged config (augs must be a string"),
+], ids=["list", "config-list", "string-epochs", "zero-seeds", "no-epochs", "augs-list"])
+def test_report_only_on_a_foreign_results_file_is_one_line(stored: object, message: str, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "rank.json").write_text("{}")
+    (tmp_path / "results.json").write_text(json.dumps(stored))
+    assert main(["sweep", "--report-only", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("daqkd: error: --report-only: ") and err.count("\n") == 1 and message in err, err
+
+
+@pytest.mark.parametrize("extra,flag", [(["--epochs", "5"], "--epochs"), (["--w-bits", "3"], "--w-bits"),
+                                        (["--data", "somewhere"], "--data"), (["--seeds", "3"], "--seeds")])
+def test_report_only_refuses_options_it_would_ignore(extra: list[str], flag: str, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "results.json").write_text(json.dumps({"config": GOOD_CONFIG, "meta": {}}))
+    assert main(["sweep", "--report-only", "--out", str(tmp_path), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"daqkd: error: --report-only rebuilds the report with the sweep's own settings from results.json: "
+                   f"drop {flag} (only --out and --default apply)\n"), err

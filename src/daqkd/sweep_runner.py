@@ -354,9 +354,24 @@ def sweep_title(images: int, args: SweepOptions | dict[str, Any]) -> str:
             f"{a['epochs']} epoch(s)")
 
 
+# what --report-only reads from the command line; everything else comes from results.json's config,
+# which must hold the settings the report counts with
+REPORT_ONLY_OPTIONS = ("out", "report_only", "default", "no_progress")
+REPORT_CONFIG_KEYS = ("augs", "seed", "seeds", "epochs", "method", "w_bits", "a_bits", "kd")
+DEFAULT_SWEEP_OPTIONS = SweepOptions()
+
+
 def report_only(args: SweepOptions) -> dict[str, Any]:
     """`daqkd sweep --report-only --out DIR`: the outputs rebuilt from rank.json, results.json's
-    configuration and the finished runs on disk; nothing is trained."""
+    configuration and the finished runs on disk; nothing is trained. Only ``out`` and ``default``
+    are read from ``args``: any other option set is refused, since the sweep's own settings apply."""
+    given = [f.name for f in dataclasses.fields(args) if f.name not in REPORT_ONLY_OPTIONS
+             and getattr(args, f.name) != getattr(DEFAULT_SWEEP_OPTIONS, f.name)]
+    if given:
+        raise DaqkdError(f"--report-only rebuilds the report with the sweep's own settings from results.json: "
+                         f"drop --{given[0].replace('_', '-')} (only --out and --default apply)")
+    if args.out is None:
+        raise DaqkdError("--report-only: pass --out DIR (the sweep's directory)")
     out = Path(args.out)
     results_file, rank_file = out / "results.json", out / "rank.json"
     for needed in (results_file, rank_file):
@@ -364,9 +379,10 @@ def report_only(args: SweepOptions) -> dict[str, Any]:
             raise DaqkdError(f"--report-only: {needed} is missing: pass the --out of a sweep that has started")
     try:
         stored = json.loads(results_file.read_text())
-        config, old_meta = stored["config"], stored["meta"]
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError) as exc:
         raise DaqkdError(f"--report-only: {results_file} is unreadable ({exc})") from exc
+    config = _stored_sweep_config(results_file, stored)
+    old_meta = stored["meta"]
     default = args.default or config.get("default") or DEFAULT_DA
     config = {**config, "default": default}
     names = parse_candidates(config["augs"])
@@ -375,12 +391,38 @@ def report_only(args: SweepOptions) -> dict[str, Any]:
     seeds = [config["seed"] + i for i in range(config.get("seeds", 1))]
     trained = training_order(names, ranking, default)
     results = collect_finished(out, trained, seeds, config["epochs"], stored_wall_seconds(out))
-    meta = {"title": sweep_title(ranking.get("images", 0), config), "device": old_meta.get("device", "?"),
-            "command": old_meta.get("command", "?")}
+    meta = {"title": sweep_title(ranking.get("images", 0), config), "device": str(old_meta.get("device", "?")),
+            "command": str(old_meta.get("command", "?"))}
     analysis = SweepOutputs(out, ranking, names, default, config, meta).publish(results, len(trained) * len(seeds))
     print(f"daqkd sweep --report-only: {len(results)} finished runs in {out}")
     print_verdict(analysis, out)
     return analysis
+
+
+def _stored_sweep_config(results_file: Path, stored: Any) -> dict[str, Any]:
+    """results.json's ``config``, checked as a sweep's options (types and the ranges --report-only
+    counts with), so that a foreign or hand-edited file is one line, not a traceback or a wrong report."""
+    if not isinstance(stored, dict) or not isinstance(stored.get("config"), dict) \
+            or not isinstance(stored.get("meta"), dict):
+        raise DaqkdError(f"--report-only: {results_file} is not a daqkd sweep's results.json (an object with "
+                         "config and meta): pass the --out of a daqkd sweep")
+    config = stored["config"]
+    missing = [k for k in REPORT_CONFIG_KEYS if k not in config]
+    if missing:
+        raise DaqkdError(f"--report-only: {results_file} has a damaged config (no {missing[0]}): rerun the sweep "
+                         "into a new --out")
+    known = {f.name for f in dataclasses.fields(SweepOptions)}
+    try:
+        options = SweepOptions(**{k: v for k, v in config.items() if k in known})
+    except DaqkdError as exc:
+        what = str(exc).removeprefix("SweepOptions.")
+        raise DaqkdError(f"--report-only: {results_file} has a damaged config ({what}): rerun the sweep into a "
+                         "new --out") from exc
+    for name in ("epochs", "seeds"):
+        if getattr(options, name) < 1:
+            raise DaqkdError(f"--report-only: {results_file} has a damaged config ({name} is "
+                             f"{getattr(options, name)}, not at least 1): rerun the sweep into a new --out")
+    return {**config, **{name: getattr(options, name) for name in (*REPORT_CONFIG_KEYS, "default")}}
 
 
 def run_sweep(args: SweepOptions) -> dict[str, Any]:
