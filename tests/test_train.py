@@ -551,6 +551,46 @@ def test_ctrl_c_prints_one_line_and_resume_alone_finishes_the_run(tmp_path: Path
     assert all(torch.equal(whole[k], cut[k]) for k in whole)
 
 
+def test_sigterm_during_a_checkpoint_write_unwinds_like_ctrl_c(tmp_path: Path, tiny_folder: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """A real SIGTERM, delivered while state.pt's temporary file is half written: the default action
+    killed the process there (exit 143, no message, state.pt.*.tmp left). Now the write's temporary
+    file is deleted, one line says what is kept, and --resume finishes the run exactly."""
+    import os
+    import signal
+
+    import daqkd.train
+
+    args = ["teacher", "--data", str(tiny_folder), "--arch", "resnet20", "--epochs", "2", "--batch-size", "12",
+            "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+    save, calls = torch.save, []
+
+    def terminated_mid_write(obj, path, *a, **kw):
+        calls.append(path)
+        if len(calls) == 2:  # epoch 2's state: epoch 1's stays the last good one
+            Path(path).write_bytes(b"half a state")
+            os.kill(os.getpid(), signal.SIGTERM)
+        return save(obj, path, *a, **kw)
+
+    monkeypatch.setattr(daqkd.train.torch, "save", terminated_mid_write)
+    capsys.readouterr()
+    run = tmp_path / "cut"
+    assert main([*args, "--out", str(run)]) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [(f"daqkd: terminated (SIGTERM): {run} keeps its last checkpoint (epoch end or --save-every "
+                   f"step); continue with: daqkd teacher --resume --out {run}")], err
+    assert len(calls) == 2 and not Path(calls[1]).exists() and not list(run.glob("*.tmp"))
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # main puts the handler back
+    monkeypatch.setattr(daqkd.train.torch, "save", save)
+    assert main(["teacher", "--resume", "--out", str(run), "--no-progress"]) == 0
+    from daqkd.loading import load_model
+
+    whole, cut = load_model(tmp_path / "whole")[0].state_dict(), load_model(run)[0].state_dict()
+    assert all(torch.equal(whole[k], cut[k]) for k in whole)
+
+
 @pytest.mark.parametrize("option,value,message", [
     ("--ewgs-delta", "abc", "--ewgs-delta must be a number or 'hessian', got 'abc'"),
     ("--ewgs-hessian-probes", "0", "--ewgs-hessian-probes must be a positive integer, got 0"),

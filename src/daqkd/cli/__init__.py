@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -64,6 +66,16 @@ def interrupted_message(args: argparse.Namespace) -> str:
     return "interrupted: nothing was written"
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a scheduler's stop, a container shutdown) raised as an exception, so that it
+    unwinds like Ctrl-C: open atomic writes delete their temporary files, and the command ends with
+    one line saying what is kept and exit status 143 (128 + SIGTERM) instead of dying mid-write."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
 def show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
                  file: Any = None, line: str | None = None) -> None:
     """Warnings about the user's data or options as one ``daqkd: warning:`` line each."""
@@ -75,6 +87,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.explicit_options = explicit_options(argv)  # --resume refuses a stored option given again otherwise
     previous = warnings.showwarning
     warnings.showwarning = show_warning
+    # only the main thread may set handlers (a notebook's worker thread calling main keeps the default)
+    terminate = (signal.signal(signal.SIGTERM, _raise_terminated)
+                 if threading.current_thread() is threading.main_thread() else None)
     try:
         return args.func(args)
     except DaqkdError as exc:
@@ -89,11 +104,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"daqkd: error: {exc.strerror or exc}{where}: the files written before stay valid (writes are "
               "atomic); fix the cause and rerun (training runs: --resume)", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # under torchrun every process gets the signal: one of them says so
+    except KeyboardInterrupt as exc:  # under torchrun every process gets the signal: one of them says so
+        terminated = isinstance(exc, Terminated)
         if not launched_by_torchrun() or os.environ["RANK"] == "0":
-            print(f"\ndaqkd: {interrupted_message(args)}", file=sys.stderr)
-        return 130
+            message = interrupted_message(args)
+            if terminated:
+                print("daqkd: terminated (SIGTERM)" + message.removeprefix("interrupted"), file=sys.stderr)
+            else:  # after the terminal's ^C, on a line of its own
+                print(f"\ndaqkd: {message}", file=sys.stderr)
+        return 128 + signal.SIGTERM if terminated else 130
     finally:
+        if terminate is not None:
+            signal.signal(signal.SIGTERM, terminate)
         warnings.showwarning = previous
         close_distributed()  # the command is over: the process owns the group torchrun made it join
 
