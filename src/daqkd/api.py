@@ -753,10 +753,10 @@ def _evaluate_onnx(options: EvalOptions) -> dict[str, Any]:
         unchecked.append("architecture, normalization and bit widths (no daqkd metadata)")
     metrics = evaluate_model(model, test, torch.device("cpu"))
     size = {**onnx_weight_bytes(options.run), "file_bytes": Path(options.run).stat().st_size}
-    report = {"run": str(options.run), **info, "data": test.source, "split": options.split, "images": len(test),
-              "runtime": f"onnxruntime, CPU, graph optimization {options.onnx_optimization}", **metrics,
-              "size": size, "unchecked": unchecked}
-    del report["classes"]
+    described = {k: v for k, v in info.items() if k != "classes"}  # the data's names are in per_class_top1
+    report = {"run": str(options.run), **described, "data": test.source, "split": options.split,
+              "images": len(test), "runtime": f"onnxruntime, CPU, graph optimization {options.onnx_optimization}",
+              **metrics, "size": size, "unchecked": unchecked}
     if options.out:
         write_json_atomic(options.out, report)
     return report

@@ -30,6 +30,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_image, read_file
 
 from .errors import DaqkdError
+from .errors import first_line as _first_line
 from .runtime import mix_seed
 
 # torchvision 0.29 deprecates its image codecs in favour of TorchCodec, which needs FFmpeg; the
@@ -299,11 +300,6 @@ def load_array_archive(path: str | Path, split: str = "train", limit_per_class: 
     tensor = tensor.unsqueeze(-1) if tensor.ndim == 3 else tensor
     tensor = tensor.permute(0, 3, 1, 2).expand(-1, 3, -1, -1).contiguous()
     return ImageSet(tensor, torch.from_numpy(labels[keep].astype(np.int64)), classes, f"{path}:{split}")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 # zlib's bound on DEFLATE's expansion (1032:1): a compressed member whose recorded size exceeds it lies

@@ -10,3 +10,10 @@ from __future__ import annotations
 
 class DaqkdError(Exception):
     """An error caused by the user's input, with a one-line message that says how to fix it."""
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception's first message line (at most ``limit`` characters) for a one-line error, or its
+    type's name when it has no message."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import DaqkdError
+from .errors import first_line as _first_line
 
 OPSET = 21
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
@@ -425,11 +426,6 @@ class OnnxModel(nn.Module):
             return json.loads(self.metadata[key])
         except ValueError:
             return self.metadata[key]
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def is_onnx_file(path: str | Path | None) -> bool:
